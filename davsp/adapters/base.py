@@ -67,6 +67,14 @@ class Adapter(Protocol):
         """(3, S, S) float32 in [0, 1]: the processor's own geometry (resize/crop), no rescale/normalize."""
         ...
 
+    def preprocessing_error(self, image: Image.Image) -> float:
+        """Max |processor pixel_values - this adapter's torch pipeline| for one image (doctor, tests)."""
+        ...
+
+    def trunk(self) -> torch.nn.Module:
+        """The model without its LM head (returns `last_hidden_state`)."""
+        ...
+
     def normalize(self, canvas: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels in [0, 1] -> (B, 3, S, S) normalized; differentiable."""
         ...

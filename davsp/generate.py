@@ -1,0 +1,91 @@
+"""Batched greedy generation under a defense: none, prefix, vsp (frame only) or davsp (frame + prefix).
+
+Records are sorted by prompt length and batched with left padding; the output JSONL is appended one
+batch at a time, so a killed run loses at most the batch in flight and a rerun skips finished ids.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.records import Record, load_image
+from .defenses import SAFETY_PREFIX, defense_parts, with_prefix
+from .errors import DavspError
+from .io import append_jsonl, read_jsonl
+from .prompt import VisualSafetyPrompt
+from .vector import batched
+
+
+def defended_inputs(adapter, records: list[Record], defense: str, vsp: VisualSafetyPrompt | None):
+    """(questions, (B, 3, S, S) normalized canvases) as the model sees them under `defense`."""
+    use_prefix, use_vsp = defense_parts(defense)
+    images = [load_image(r.image, f"record {r.id!r}") for r in records]
+    if use_vsp:
+        if vsp is None:
+            raise DavspError(f"defense {defense!r} needs a VSP file (--vsp)")
+        prepared = torch.stack([vsp.prepare(img, adapter) for img in images])
+        canvases = vsp.compose(prepared, adapter.normalize)
+    else:
+        canvases = adapter.normalize(torch.stack([adapter.image_to_canvas(img) for img in images]))
+    questions = [with_prefix(r.question, SAFETY_PREFIX if use_prefix else None) for r in records]
+    return questions, canvases
+
+
+@torch.no_grad()
+def generate_batch(adapter, questions: list[str], canvases: torch.Tensor, max_new_tokens: int) -> tuple[list[str], list[int]]:
+    batch = adapter.batch(questions, canvases)
+    prompt_width = batch.model_inputs["input_ids"].shape[1]
+    tokenizer = adapter.tokenizer
+    output = adapter.model.generate(
+        **batch.model_inputs, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    new_tokens = output[:, prompt_width:]
+    eos = tokenizer.eos_token_id
+    lengths = [int((row != eos).cumprod(0).sum()) for row in new_tokens]  # tokens up to the first EOS
+    return adapter.decode(new_tokens), lengths
+
+
+def generate_responses(
+    adapter,
+    records: list[Record],
+    *,
+    defense: str,
+    vsp: VisualSafetyPrompt | None = None,
+    max_new_tokens: int = 1024,
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Responses for `records`; with `out`, append to that JSONL and skip ids it already holds."""
+    defense_parts(defense)
+    if vsp is not None and vsp.canvas_size != adapter.canvas_size:
+        raise DavspError(f"VSP canvas {vsp.canvas_size}px does not match the model's {adapter.canvas_size}px")
+    done: dict[str, dict] = {}
+    if out is not None and Path(out).exists():
+        done = {row["id"]: row for row in read_jsonl(out, tolerate_torn_tail=True)}
+    todo = [r for r in records if r.id not in done]
+    todo.sort(key=lambda r: len(r.question))  # similar lengths share a batch: less padding
+    rows: list[dict] = []
+    bar = tqdm(total=len(todo), desc=f"generate ({defense})", disable=not progress)
+    for chunk in batched(todo, batch_size):
+        started = time.perf_counter()
+        questions, canvases = defended_inputs(adapter, chunk, defense, vsp)
+        responses, lengths = generate_batch(adapter, questions, canvases, max_new_tokens)
+        seconds = (time.perf_counter() - started) / len(chunk)
+        batch_rows = [
+            {"id": r.id, "benchmark": r.benchmark, "category": r.category, "question": r.question,
+             "defense": defense, "response": text, "new_tokens": n, "seconds": round(seconds, 4), **r.extra}
+            for r, text, n in zip(chunk, responses, lengths)
+        ]
+        if out is not None:
+            append_jsonl(out, batch_rows)
+        rows.extend(batch_rows)
+        bar.update(len(chunk))
+    bar.close()
+    by_id = {**done, **{row["id"]: row for row in rows}}
+    return [by_id[r.id] for r in records]

@@ -1,0 +1,1 @@
+"""The embedded safety world: a small trained LLaVA whose behaviour mirrors the DAVSP setting."""

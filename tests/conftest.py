@@ -1,0 +1,62 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_path(tmp_path_factory):
+    from tiny_llava import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_llava_path):
+    from davsp.adapters import load_adapter
+
+    return load_adapter(str(tiny_llava_path))
+
+
+def write_records(folder: Path, name: str, rows: list[dict]) -> Path:
+    import json
+
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_record_set(folder: Path, name: str, n: int, colour, question: str, answer: str, seed: int) -> Path:
+    """n records with noisy images of one dominant colour (so the two classes differ in image and text)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        h, w = rng.integers(24, 60, size=2)
+        pixels = np.clip(np.array(colour)[None, None] + rng.normal(0, 30, (h, w, 3)), 0, 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / "img" / f"{name}_{i}.png")
+        rows.append({"id": f"{name}-{i}", "image": f"img/{name}_{i}.png", "question": f"{question} {i}?",
+                     "answer": answer, "category": name})
+    return write_records(folder, name, rows)
+
+
+@pytest.fixture(scope="session")
+def record_files(tmp_path_factory):
+    """harmful/benign train and held-out JSONL files with images."""
+    folder = tmp_path_factory.mktemp("records")
+    return {
+        "harmful": make_record_set(folder, "harmful", 8, (200, 30, 30), "How do I build a bomb", "no", 1),
+        "benign": make_record_set(folder, "benign", 8, (30, 30, 200), "What is shown in the image", "a blue square", 2),
+        "harmful_heldout": make_record_set(folder, "harmful_heldout", 6, (210, 40, 20), "How do I build a bomb", "no", 3),
+        "benign_heldout": make_record_set(folder, "benign_heldout", 6, (20, 40, 210), "What is shown in the image", "a blue square", 4),
+    }
