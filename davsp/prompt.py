@@ -30,6 +30,10 @@ KINDS = ("frame", "additive")
 
 def square_white(image: Image.Image) -> Image.Image:
     """Pad to a square with white, image centred (as the original code does before framing)."""
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))  # transparency onto white, as the processors do
     image = image.convert("RGB")
     w, h = image.size
     if w == h:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +35,11 @@ def random_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def random_canvases(adapter, sizes) -> torch.Tensor:
+    """(len(sizes), 3, S, S) canvases of random images of these (width, height) sizes."""
+    return torch.stack([adapter.image_to_canvas(random_image(*size, seed)) for seed, size in enumerate(sizes)])
+
+
 def canvas_as_pil(canvas: torch.Tensor) -> Image.Image:
     # canvases hold uint8 / 255 exactly, so this is lossless
     return Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
@@ -60,10 +68,10 @@ def test_registry_finds_qwen_families(tiny_path, adapter):
     assert not Qwen2VLAdapter.handles(LlavaConfig())
 
 
-def test_attributes(adapter):
+def test_attributes(tiny_path, adapter):
     assert (adapter.canvas_size, adapter.patch_size, adapter.num_image_tokens) == (448, 28, 256)
     assert adapter.hidden_size == 64
-    assert adapter.model_id.endswith("tiny-qwen2vl0")
+    assert adapter.model_id == str(tiny_path)
     assert torch.allclose(adapter.image_mean, torch.tensor(adapter.image_processor.image_mean))
     assert torch.allclose(adapter.image_std, torch.tensor(adapter.image_processor.image_std))
     assert adapter.lm_head() is adapter.model.lm_head
@@ -83,9 +91,9 @@ def test_missing_layer_path_fails_loudly(adapter, monkeypatch):
 
 
 def test_canvas_the_processor_would_resize_is_refused(adapter):
-    for size in (450, 20 * 28):  # not a multiple of 28; beyond max_pixels below
+    processor = type(adapter.image_processor)(max_pixels=448 * 448)
+    for size in (450, 20 * 28):  # not a multiple of 28; beyond max_pixels
         with pytest.raises(DavspError, match=f"would resize a {size}x{size} canvas"):
-            processor = type(adapter.image_processor)(max_pixels=448 * 448)
             Qwen2VLAdapter(adapter.model_id, adapter.model, adapter.tokenizer, processor, canvas_size=size)
 
 
@@ -112,8 +120,7 @@ def test_pixel_values_match_processor(adapter, seed, size):
 
 def test_batch_matches_processor(adapter):
     """input_ids, mask, mm_token_type_ids, pixel_values and grid all equal the real processor's, left-padded."""
-    images = [random_image(*size, seed) for seed, size in enumerate(SIZES[1:3])]
-    canvases = torch.stack([adapter.image_to_canvas(im) for im in images])
+    canvases = random_canvases(adapter, SIZES[1:3])
     ours = adapter.batch(QUESTIONS, adapter.normalize(canvases)).model_inputs
     theirs = reference_processor(adapter)(
         images=[canvas_as_pil(c) for c in canvases],
@@ -140,7 +147,8 @@ def test_answers_become_targets(adapter):
     canvases = torch.zeros(2, 3, 448, 448)
     answers = ["I am sorry.", "The image shows a cat."]
     batch = adapter.batch(QUESTIONS, adapter.normalize(canvases), answers=answers)
-    expected = [adapter.tokenizer(a, add_special_tokens=False).input_ids + [adapter.tokenizer.eos_token_id] for a in answers]
+    eos = adapter.tokenizer.eos_token_id
+    expected = [adapter.tokenizer(a, add_special_tokens=False).input_ids + [eos] for a in answers]
     assert batch.target_ids.tolist() == expected[0] + expected[1]
     flat_ids = batch.model_inputs["input_ids"].reshape(-1)
     assert torch.equal(flat_ids[batch.target_positions + 1], batch.target_ids)  # position t predicts token t + 1
@@ -168,7 +176,7 @@ def last_prompt_hidden(adapter, questions, canvases) -> torch.Tensor:
 
 
 def test_batched_equals_unbatched(adapter):
-    canvases = torch.stack([adapter.image_to_canvas(random_image(*size, seed)) for seed, size in enumerate(SIZES[:2])])
+    canvases = random_canvases(adapter, SIZES[:2])
     batched = last_prompt_hidden(adapter, QUESTIONS, canvases)
     assert batched.shape == (adapter.num_layers + 1, 2, adapter.hidden_size)
     for i, question in enumerate(QUESTIONS):
@@ -177,7 +185,7 @@ def test_batched_equals_unbatched(adapter):
 
 
 def test_generate_batched_equals_unbatched(adapter):
-    canvases = torch.stack([adapter.image_to_canvas(random_image(*size, seed)) for seed, size in enumerate(SIZES[:2])])
+    canvases = random_canvases(adapter, SIZES[:2])
 
     def new_tokens(questions, images):
         inputs = adapter.batch(questions, adapter.normalize(images)).model_inputs
@@ -208,6 +216,25 @@ def test_qwen2_5_vl_loads_and_runs(tmp_path):
     assert adapter.model.generate(**batch.model_inputs, max_new_tokens=2, do_sample=False).shape[1] == (
         batch.model_inputs["input_ids"].shape[1] + 2
     )
+
+
+def test_chat_template_from_processor_file(tiny_path, adapter, tmp_path):
+    """Older repos keep the template only in the processor's chat_template.json."""
+    shutil.copytree(tiny_path, tmp_path, dirs_exist_ok=True)
+    template = (tmp_path / "chat_template.jinja").read_text()
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert load_adapter(str(tmp_path)).prompt_text("hi") == adapter.prompt_text("hi")
+    (tmp_path / "chat_template.json").unlink()
+    with pytest.raises(DavspError, match="no chat template"):
+        load_adapter(str(tmp_path))
+
+
+def test_missing_image_processor_is_a_clear_error(tiny_path, tmp_path):
+    shutil.copytree(tiny_path, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "preprocessor_config.json").unlink()
+    with pytest.raises(DavspError, match="cannot load the tokenizer or image processor"):
+        load_adapter(str(tmp_path))
 
 
 def test_wrong_model_type_is_refused(tmp_path):

@@ -48,7 +48,8 @@ def test_render_matches_the_original_pngs(tmp_path):
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["dataset", "category_id", "task_id", "category_name", "question", "instruction"])
-        writer.writerows([r.dataset, r.category_id, r.task_id, r.category_name, r.question, r.instruction] for r in rows)
+        for r in rows:
+            writer.writerow([r.dataset, r.category_id, r.task_id, r.category_name, r.question, r.instruction])
     written = render_figstep(csv_path, tmp_path / "out")
     assert sorted(p.name for p in written) == sorted(names)
     exact = tuple(int(x) for x in features.version("freetype2").split(".")[:2]) < (2, 14)

@@ -130,6 +130,8 @@ def test_harmfulness_of_a_row():
     assert is_harmful({"benchmark": "figstep"})
     assert not is_harmful({"benchmark": "mm-vet"})
     assert is_harmful({"benchmark": "toy", "category": "harmful"})
+    assert is_harmful({"benchmark": "toy", "category": "colour", "harm": 0.7})  # toy world's harm level
+    assert not is_harmful({"benchmark": "toy", "category": "colour", "harm": 0})
     assert not is_harmful({"benchmark": "mm-safetybench", "harmful": False})  # explicit field wins
     with pytest.raises(DavspError, match="add a boolean 'harmful' field"):
         is_harmful({"benchmark": "toy", "id": "7", "category": "colour"})
@@ -286,3 +288,13 @@ def test_cli_errors(tmp_path):
         cli(["evaluate", str(judged_file)])
     assert exit_info.value.code == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_davsp_main_exit_status_is_0_on_success_and_2_on_a_user_error(tmp_path, monkeypatch, capsys):
+    import davsp.cli
+
+    monkeypatch.setattr(davsp.cli, "_COMMAND_MODULES", ["davsp.evaluate"])
+    judged_file = write_jsonl(tmp_path / "judged.jsonl", fixture_rows())
+    assert davsp.cli.main(["evaluate", str(judged_file), "--out", str(tmp_path / "e")]) == 0
+    assert davsp.cli.main(["evaluate", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "e")]) == 2
+    assert "davsp: error: " in capsys.readouterr().err

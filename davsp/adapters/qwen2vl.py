@@ -10,13 +10,15 @@ processor's rescale, normalize and patch flattening in torch, so gradients reach
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import DavspError
+from ..prompt import centre_image
 from .base import Batch, pack_left_padded, resolve_module
 
 DEFAULT_CANVAS = 448  # 16 x 16 merged tokens; a multiple of 28 inside the default pixel bounds
@@ -35,7 +37,7 @@ class Qwen2VLAdapter:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         if not getattr(tokenizer, "chat_template", None):
-            raise DavspError(f"{model_id}: the tokenizer has no chat template; add chat_template.jinja to the model")
+            raise DavspError(f"{model_id}: no chat template for the tokenizer; add chat_template.jinja to the model")
         self.vit_patch = int(image_processor.patch_size)  # 14: pixels per ViT patch side
         self.merge = int(image_processor.merge_size)  # 2: 2x2 patches become one LLM token
         self.temporal_patch = int(image_processor.temporal_patch_size)  # 2: a still image is two equal frames
@@ -65,16 +67,24 @@ class Qwen2VLAdapter:
         config = AutoConfig.from_pretrained(path)
         if not cls.handles(config):
             raise DavspError(f"{path}: model type '{config.model_type}' is not one of {', '.join(_MODEL_TYPES)}")
+        try:  # the small files first, so a broken download fails before the weights load
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            # the PIL backend when torchvision is missing, the torchvision one otherwise
+            image_processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DavspError(f"{path}: cannot load the tokenizer or image processor ({first_line})") from None
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = _processor_chat_template(path)
         device_map = "auto" if device == "auto" else None
         model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, device_map=device_map)
         if device_map is None:
             model = model.to(device)
         model.eval().requires_grad_(False)
-        # AutoImageProcessor picks the PIL backend when torchvision is missing, the torch one otherwise
-        return cls(path, model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+        return cls(path, model, tokenizer, image_processor)
 
     def _check_canvas_is_fixed_point(self) -> None:
-        # The processor's smart_resize keeps an image iff both sides are multiples of 28 and the
+        # The processor's smart_resize keeps an image iff both sides are multiples of patch_size (28) and the
         # pixel count lies within [shortest_edge, longest_edge] (its min_pixels / max_pixels).
         size = self.canvas_size
         low, high = self.image_processor.size["shortest_edge"], self.image_processor.size["longest_edge"]
@@ -122,20 +132,23 @@ class Qwen2VLAdapter:
 
     def image_to_canvas(self, image: Image.Image) -> torch.Tensor:
         """Pad to a centred white square, resize to S x S (bicubic): (3, S, S) float32 in [0, 1]."""
-        from transformers.image_transforms import convert_to_rgb
+        return centre_image(image, self.canvas_size).float() / 255.0
 
-        rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))  # transparency onto white, as the processor
-        side = max(rgb.size)
-        square = Image.new("RGB", (side, side), (255, 255, 255))
-        square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
-        canvas = square.resize((self.canvas_size, self.canvas_size), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    def preprocessing_error(self, image: Image.Image) -> float:
+        """Max |processor(canvas) - our torch pipeline| on the canvas this adapter makes of `image`."""
+        canvas = self.image_to_canvas(image)
+        as_image = Image.fromarray((canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        reference = self.image_processor(images=as_image, return_tensors="pt")
+        if reference["image_grid_thw"].tolist() != [[1, self.grid, self.grid]]:
+            return float("inf")  # the processor resized the canvas: the geometry no longer matches
+        ours = self.patchify(self.normalize(canvas.unsqueeze(0)))
+        return float((reference["pixel_values"].float() - ours).abs().max())
 
     def normalize(self, canvas: torch.Tensor) -> torch.Tensor:
         # (B, 3, S, S) in [0, 1] -> (B, 3, S, S) normalized, as the processor's rescale + normalize
-        return (canvas - self.image_mean.to(canvas.device).view(1, 3, 1, 1)) / self.image_std.to(canvas.device).view(
-            1, 3, 1, 1
-        )
+        mean = self.image_mean.to(canvas.device).view(1, 3, 1, 1)
+        std = self.image_std.to(canvas.device).view(1, 3, 1, 1)
+        return (canvas - mean) / std
 
     def patchify(self, normalized: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B * g * g, 3 * T * p * p) rows in the processor's order, g = S / p.
@@ -143,7 +156,7 @@ class Qwen2VLAdapter:
         Rows run over 2x2 merge groups in raster order, then the 4 patches of a group in raster
         order; each row is channel-major, with the frame repeated T times before the p x p pixels.
         """
-        b, c, s, _ = normalized.shape
+        b, c = normalized.shape[:2]
         p, m, t, g = self.vit_patch, self.merge, self.temporal_patch, self.grid
         x = normalized.reshape(b, c, g // m, m, p, g // m, m, p)  # (B, C, gh, mh, ph, gw, mw, pw)
         x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh, gw, mh, mw, C, ph, pw)
@@ -184,3 +197,11 @@ class Qwen2VLAdapter:
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+def _processor_chat_template(path: str) -> str | None:
+    """The template from a processor-only `chat_template.json` (older repos), which AutoTokenizer does not read."""
+    from transformers.utils import cached_file
+
+    found = cached_file(path, "chat_template.json", _raise_exceptions_for_missing_entries=False)
+    return json.loads(Path(found).read_text(encoding="utf-8"))["chat_template"] if found else None

@@ -55,5 +55,6 @@ def choose(value, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     chosen = (value,) if isinstance(value, str) else tuple(value)
     unknown = [v for v in chosen if v not in allowed]
     if unknown or not chosen:
-        raise DavspError(f"unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; choose from {', '.join(allowed)}")
+        given = ", ".join(map(repr, unknown)) or "(none given)"
+        raise DavspError(f"unknown {what} {given}; choose from {', '.join(allowed)}")
     return tuple(a for a in allowed if a in chosen)

@@ -86,7 +86,9 @@ def split_ids(ids: Iterable[str], fractions=SPLIT_FRACTIONS, seed: int = SPLIT_S
     id's split never depends on the other ids (sizes follow `fractions` approximately)."""
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
-        raise DavspError(f"split fractions must be 3 non-negative numbers (train, val, test) summing to 1, got {fractions}")
+        raise DavspError(
+            f"split fractions must be 3 non-negative numbers (train, val, test) summing to 1, got {fractions}"
+        )
     bounds = [sum(fractions[: i + 1]) for i in range(len(SPLITS))]
     parts: dict[str, set[str]] = {name: set() for name in SPLITS}
     for unit in ids:

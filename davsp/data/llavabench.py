@@ -33,7 +33,9 @@ def load_llavabench(root: str | Path) -> list[Record]:
         question_id = str(row["question_id"])
         image = text_field(row, "image", where)
         if question_id not in references:
-            raise DavspError(f"{where}: question_id {question_id!r} has no reference answer in {root / 'answers_gpt4.jsonl'}")
+            raise DavspError(
+                f"{where}: question_id {question_id!r} has no reference answer in {root / 'answers_gpt4.jsonl'}"
+            )
         if image not in captions:
             raise DavspError(f"{where}: image {image!r} has no caption in {root / 'context.jsonl'}")
         records.append(
@@ -65,4 +67,7 @@ def _captions(path: Path) -> dict[str, str]:
 
 def _references(path: Path) -> dict[str, str]:
     rows = read_jsonl_rows(path, "LLaVA-Bench reference answers")
-    return {str(row.get("question_id", "")): text_field(row, "text", f"{path}:{n}") for n, row in enumerate(rows, start=1)}
+    return {
+        str(row.get("question_id", "")): text_field(row, "text", f"{path}:{number}")
+        for number, row in enumerate(rows, start=1)
+    }

@@ -21,7 +21,7 @@ from ..io import read_jsonl
 @dataclass(frozen=True)
 class Record:
     id: str
-    image: Path | None
+    image: Path
     question: str
     answer: str | None = None
     category: str | None = None
@@ -30,7 +30,7 @@ class Record:
 
     def to_json(self) -> dict:
         row = asdict(self)
-        row["image"] = str(self.image) if self.image is not None else None
+        row["image"] = str(self.image)
         return row
 
 
@@ -46,15 +46,26 @@ def load_image(path: Path, where: str = "") -> Image.Image:
         raise DavspError(f"{prefix}cannot read image {path}: {exc}") from None
 
 
+def _check_image(path: Path, where: str) -> None:
+    """Fail before any model is loaded: the file exists and its header is an image."""
+    if not path.is_file():
+        raise DavspError(f"{where}: image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DavspError(f"{where}: cannot read image {path}: {exc}") from None
+
+
 def _record_from(row: dict, base: Path, where: str, *, check_images: bool) -> Record:
     if not isinstance(row.get("question"), str) or not row["question"].strip():
         raise DavspError(f"{where}: missing or empty 'question'")
     image = row.get("image", row.get("image_path"))
-    if image is not None and not isinstance(image, str):
-        raise DavspError(f"{where}: 'image' must be a path string")
-    image_path = (base / image) if image else None
-    if check_images and image_path is not None and not image_path.is_file():
-        raise DavspError(f"{where}: image not found: {image_path}")
+    if not isinstance(image, str) or not image:
+        raise DavspError(f"{where}: missing 'image' (a path relative to the records file)")
+    image_path = base / image
+    if check_images:
+        _check_image(image_path, where)
     known = {"id", "image", "image_path", "question", "answer", "category", "benchmark"}
     return Record(
         id=str(row["id"]),
