@@ -297,8 +297,10 @@ def evaluate_group(benchmark: str, rows: Sequence[dict], *, resamples: int = 100
     """Every metric that applies to the rows of one benchmark under one defense."""
     ci = {"resamples": resamples, "confidence": confidence, "seed": seed}
     harmful = [r for r in rows if is_harmful(r)]
-    # Over-refusal needs the refusal judge's verdict; unjudged utility rows simply skip it.
-    benign_judged = [r for r in rows if not is_harmful(r) and "verdict" in r]
+    # Over-refusal needs the refusal judge's verdict (the llm judge only says safe/unsafe, so its
+    # derived verdicts would count every safe answer as a refusal); unjudged rows skip it.
+    benign_judged = [r for r in rows if not is_harmful(r) and str(r.get("judge", "refusal@")).startswith("refusal@")
+                     and "verdict" in r]
     result: dict = {"rows": len(rows), "harmful": len(harmful), "benign": len(rows) - len(harmful)}
     if harmful:
         result["rsr"] = rsr(harmful, **ci)

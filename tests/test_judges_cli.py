@@ -52,6 +52,7 @@ def test_judge_prints_summary_and_writes_rows(responses, tmp_path, capsys):
     ([], "exactly one of"),
     (["--input", "R", "--out", "O", "--judge", "lm"], "Unknown judge 'lm'. Did you mean llm?"),
     (["--input", "R", "--out", "O", "--judge-url", "http://x/v1"], "--judge-url only apply to --judge llm"),
+    (["--input", "R", "--out", "O", "--no-cache"], "--no-cache only apply to --judge llm"),
     (["--input", "R", "--out", "O", "--judge", "llm", "--judge-model", "m"], "--judge llm needs --judge-url"),
 ])  # fmt: skip
 def test_user_errors(responses, tmp_path, argv, message):

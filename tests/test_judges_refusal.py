@@ -132,6 +132,28 @@ def test_judge_file_resumes_and_rewrites_in_input_order(tmp_path):
     assert summary["counts"]["partial_refusal"] == 3 and summary["errors"] == 0
 
 
+def test_a_second_killed_run_still_resumes(tmp_path, monkeypatch):
+    rows = [{"id": i, "response": t} for i, (t, _) in enumerate(LABELLED)]
+    responses = _write_jsonl(tmp_path / "responses.jsonl", rows)
+    out = tmp_path / "judged.jsonl"
+    out.write_text(json.dumps(judge_responses(rows[:1], RefusalJudge())[0]) + "\n" + '{"id": 1, "verd')  # torn
+    calls = []
+
+    def killed_after_two_batches(self, batch):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(batch)
+        return [self.judge_one(row) for row in batch]
+
+    monkeypatch.setattr(RefusalJudge, "judge_batch", killed_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        judge_file(responses, RefusalJudge(), out, batch_size=3, progress=False)
+    monkeypatch.undo()
+    summary = judge_file(responses, RefusalJudge(), out, batch_size=3, progress=False)
+    assert summary["resumed"] == 1 + 6 and summary["total"] == len(rows)
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(len(rows)))
+
+
 def test_judge_file_refuses_input_as_output_and_foreign_judge_rows(tmp_path):
     responses = _write_jsonl(tmp_path / "responses.jsonl", [{"id": "a", "response": "I am sorry"}])
     with pytest.raises(DavspError, match="also an input"):

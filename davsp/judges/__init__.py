@@ -1,0 +1,158 @@
+"""Judges: turn generated responses into verdicts and safety labels.
+
+A judge has `name`, `label_for(row) -> str` (name + prompt version, written into every row) and
+`judge_batch(rows) -> list[dict]` (the fields to add to each row). Output rows keep every input
+field and add `verdict` (full_compliance / full_refusal / partial_refusal / error), `safe`
+(True / False / None, None exactly when the verdict is error), `judge`, and for the llm judge
+`judge_raw`; a row that could not be judged also gets `judge_error`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from ..errors import DavspError
+from ..io import append_jsonl, atomic_write_text, read_jsonl, refuse_to_overwrite_input
+
+VERDICTS = ("full_compliance", "full_refusal", "partial_refusal", "error")
+
+# judge name -> "module:Class", imported on first use
+_REGISTRY: dict[str, str] = {
+    "refusal": "davsp.judges.refusal:RefusalJudge",
+    "llm": "davsp.judges.llm:LLMJudge",
+}
+
+
+class Judge(Protocol):
+    name: str
+
+    def label_for(self, row: dict) -> str: ...
+
+    def judge_batch(self, rows: list[dict]) -> list[dict]: ...
+
+
+def judge_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_judge(name: str, **options) -> Judge:
+    """The judge called `name`, built with `options` (e.g. url=, model=, prompt= for 'llm')."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise DavspError(f"Unknown judge '{name}'.{hint} Known judges: {', '.join(_REGISTRY)}")
+    module_name, class_name = _REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(accepted))}" if accepted else "it takes no options"
+        raise DavspError(f"judge '{name}' has no option {', '.join(map(repr, unknown))}; {takes}")
+    return cls(**options)
+
+
+def judge_responses(rows: list[dict], judge: Judge) -> list[dict]:
+    """Each row with the judge's fields added (input fields are kept; judge fields overwrite)."""
+    return [{**row, **result} for row, result in zip(rows, judge.judge_batch(rows))]
+
+
+def read_responses(path: str | Path) -> list[dict]:
+    """Response rows: each needs an `id` (unique) and a `response` (text, may be empty)."""
+    rows, seen = [], set()
+    for number, row in enumerate(read_jsonl(path), start=1):
+        where = f"{path}: row {number}"
+        if "id" not in row:
+            raise DavspError(f"{where}: missing 'id'; every response row needs an id")
+        if not isinstance(row.get("response"), str):
+            raise DavspError(f"{where} (id {row['id']!r}): 'response' must be text, got {row.get('response')!r}")
+        key = str(row["id"])
+        if key in seen:
+            raise DavspError(f"{where}: duplicate id {row['id']!r}")
+        seen.add(key)
+        rows.append(row)
+    return rows
+
+
+def _already_judged(out: Path, judge: Judge, rows_by_id: dict[str, dict]) -> dict[str, dict]:
+    """Rows of a previous (possibly killed) run to keep: same judge, not an error.
+
+    Rows with an error verdict are judged again; a file written by another judge or prompt
+    version is refused rather than mixed.
+    """
+    if not out.exists():
+        return {}
+    kept = {}
+    for row in read_jsonl(out, tolerate_torn_tail=True):
+        key = str(row.get("id"))
+        if key not in rows_by_id:
+            continue  # not in this input; dropped when the output is rewritten
+        expected = judge.label_for(rows_by_id[key])
+        if row.get("judge") != expected:
+            raise DavspError(
+                f"{out}: id {row.get('id')!r} was judged by {row.get('judge')!r}, not {expected!r}; "
+                "choose another --out (or delete the file) to judge again"
+            )
+        if row.get("verdict", "error") != "error":
+            kept[key] = row
+    return kept
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _batches(rows: list[dict], size: int) -> Iterable[list[dict]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def judge_file(
+    input: str | Path, judge: Judge, out: str | Path, *, batch_size: int = 64, progress: bool = True
+) -> dict:
+    """Judge a responses JSONL into `out`; resumable. Returns the summary (counts per verdict).
+
+    Rows are appended and fsynced per batch, so a killed run loses at most the batch in flight;
+    rerunning the same command skips rows already judged (and retries rows that got `error`).
+    At the end `out` is rewritten atomically, one row per input id, in input order.
+    """
+    input, out = Path(input), Path(out)
+    refuse_to_overwrite_input(out, input)
+    rows = read_responses(input)
+    rows_by_id = {str(row["id"]): row for row in rows}
+    judged = _already_judged(out, judge, rows_by_id)
+    resumed = len(judged)
+    todo = [row for row in rows if str(row["id"]) not in judged]
+    if out.exists():  # start clean: drop a torn last line and old error rows before appending
+        _write_rows(out, [judged[str(row["id"])] for row in rows if str(row["id"]) in judged])
+    with tqdm(total=len(rows), initial=resumed, desc=f"judge {judge.name}", unit="resp", disable=not progress) as bar:
+        for batch in _batches(todo, batch_size):
+            results = judge_responses(batch, judge)
+            append_jsonl(out, results)
+            judged.update((str(row["id"]), row) for row in results)
+            bar.update(len(batch))
+    final = [judged[str(row["id"])] for row in rows]
+    _write_rows(out, final)
+    counts = Counter(row["verdict"] for row in final)
+    return {
+        "input": str(input),
+        "out": str(out),
+        "judge": judge.name,
+        "total": len(final),
+        "resumed": resumed,
+        "judged_now": len(todo),
+        "counts": {verdict: counts.get(verdict, 0) for verdict in VERDICTS},
+        "errors": counts.get("error", 0),
+        **{f"llm_{k}": v for k, v in getattr(judge, "stats", {}).items()},
+    }
+
+
+__all__ = ["VERDICTS", "Judge", "get_judge", "judge_file", "judge_names", "judge_responses", "read_responses"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Sequence
 
 from ..errors import DavspError
 from ..io import read_jsonl
@@ -40,7 +40,13 @@ def per_class_scores(gold: Sequence, predicted: Sequence, classes: Sequence) -> 
         precision = tp / n_pred if n_pred else None
         recall = tp / n_gold if n_gold else None
         f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if n_gold else None)
-        scores[str(label)] = {"precision": precision, "recall": recall, "f1": f1, "support": n_gold, "predicted": n_pred}
+        scores[str(label)] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": n_gold,
+            "predicted": n_pred,
+        }
     return scores
 
 
@@ -100,8 +106,10 @@ def format_agreement(result: Agreement, name_a: str, name_b: str) -> str:
     observed = "n/a" if result.observed is None else f"{result.observed:.3f}"
     lines = [
         f"Cohen's kappa on '{result.field}': {kappa}  (observed agreement {observed}, n={result.n})",
-        f"excluded: {result.errors_excluded} with an error verdict; "
-        f"{result.only_in_a} ids only in {name_a}, {result.only_in_b} only in {name_b}",
+        (
+            f"excluded: {result.errors_excluded} with an error verdict; "
+            f"{result.only_in_a} ids only in {name_a}, {result.only_in_b} only in {name_b}"
+        ),
     ]
     if result.labels:
         names = [str(label) for label in result.labels]
