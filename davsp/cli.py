@@ -11,7 +11,8 @@ from pathlib import Path
 from .errors import DavspError
 
 # modules that add their own verbs with `add_commands(subparsers)`
-_COMMAND_MODULES: list[str] = ["davsp.data.cli", "davsp.judges.cli", "davsp.evaluate", "davsp.report"]
+_COMMAND_MODULES: list[str] = ["davsp.data.cli", "davsp.judges.cli", "davsp.evaluate", "davsp.report", "davsp.demo",
+                                  "davsp.toy.build"]
 
 
 def _bool(text: str) -> bool:
