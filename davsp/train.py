@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -216,6 +216,6 @@ def _finish(run, adapter, vsp, pools, layer, direction, thresholds, config) -> N
     atomic_write_json(run / "projections.json",
                       {"layer": layer, "thresholds": list(thresholds), "before": before, "after": after})
     vsp.save(run / "vsp.safetensors")
-    preview = run / "vsp.png"
-    vsp.preview().save(preview.with_suffix(".tmp.png"))
-    shutil.move(str(preview.with_suffix(".tmp.png")), preview)
+    buffer = io.BytesIO()
+    vsp.preview().save(buffer, format="PNG")
+    atomic_write_bytes(run / "vsp.png", buffer.getvalue())

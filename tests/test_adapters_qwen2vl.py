@@ -21,8 +21,8 @@ SIZES = [(448, 448), (300, 200), (123, 457), (1000, 700), (57, 31)]  # (width, h
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"))
+def tiny_path(tiny_qwen2vl_path):
+    return tiny_qwen2vl_path
 
 
 @pytest.fixture(scope="module")
