@@ -113,7 +113,14 @@ def cmd_generate(args) -> int:
     from .prompt import VisualSafetyPrompt
 
     refuse_to_overwrite_input(args.out, args.data, args.vsp)
-    records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
+    if (args.data is None) == (args.benchmark is None):
+        raise DavspError("give either --data FILE or --benchmark NAME --root DIR")
+    if args.benchmark:
+        from .data.benchmarks import load_benchmark
+
+        records = load_benchmark(args.benchmark, args.root, tiny=args.tiny, split=args.split, limit=args.limit)
+    else:
+        records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
     vsp = VisualSafetyPrompt.load(args.vsp) if args.vsp else None
     adapter = _load(args)
     rows = generate_responses(adapter, records, defense=args.defense, vsp=vsp, max_new_tokens=args.max_new_tokens,
@@ -163,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="greedy, batched answers under a defense")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="records (JSONL or original JSON)")
+    p.add_argument("--data", help="records (JSONL or original JSON)")
+    p.add_argument("--benchmark", help="or a benchmark by name (see `davsp data`), with --root")
+    p.add_argument("--root", help="the benchmark's folder")
+    p.add_argument("--tiny", action="store_true", help="the benchmark's tiny version, where it has one")
+    p.add_argument("--split", help="train, val or test (seeded split by question id)")
     p.add_argument("--out", required=True, help="responses JSONL (resumed if it exists)")
     p.add_argument("--defense", default="davsp", help="none, prefix, vsp or davsp")
     p.add_argument("--vsp", help="VSP .safetensors (for vsp/davsp)")

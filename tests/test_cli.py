@@ -108,3 +108,25 @@ def test_vector_and_train_on_tiny_qwen2vl(capsys, tmp_path, tiny_qwen2vl_path, r
                        "--harmful", record_files["harmful"], "--benign", record_files["benign"],
                        "--out", tmp_path / "run", "--steps", "3", "--padding", "28", "--device", "cpu")
     assert code == 0, err
+
+
+def test_generate_over_a_benchmark_by_name(capsys, tmp_path, tiny_llava_path):
+    import shutil
+
+    from conftest import SHARED_DATA
+
+    root = tmp_path / "figstep"
+    shutil.copytree(SHARED_DATA / "figstep", root)
+    code, _, err = run(capsys, "generate", "--model", tiny_llava_path, "--benchmark", "figstep", "--root", root,
+                       "--out", tmp_path / "fig.jsonl", "--defense", "prefix", "--max-new-tokens", "2",
+                       "--device", "cpu")
+    assert code == 2 and "495 of 500 images not found" in err  # only 5 originals are shared: listed, not dropped
+    (root / "safebench.csv").write_text("\n".join((root / "safebench.csv").read_text().splitlines()[:1] + [
+        line for line in (root / "safebench.csv").read_text().splitlines()[1:]
+        if any(f"ForbidQI,{c},{t}," in line for c, t in [(1, 1), (3, 2), (5, 3), (8, 4), (10, 5)])]) + "\n")
+    code, _, err = run(capsys, "generate", "--model", tiny_llava_path, "--benchmark", "figstep", "--root", root,
+                       "--out", tmp_path / "fig.jsonl", "--defense", "prefix", "--max-new-tokens", "2",
+                       "--device", "cpu")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "fig.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and {r["benchmark"] for r in rows} == {"figstep"} and all("topic" in r for r in rows)
