@@ -79,7 +79,7 @@ def generate_responses(
         seconds = (time.perf_counter() - started) / len(chunk)
         batch_rows = [
             {"id": r.id, "benchmark": r.benchmark, "category": r.category, "question": r.question,
-             "defense": defense, "response": text, "new_tokens": n, "seconds": round(seconds, 4), **r.extra}
+             "answer": r.answer, "defense": defense, "response": text, "new_tokens": n, "seconds": round(seconds, 4), **r.extra}
             for r, text, n in zip(chunk, responses, lengths)
         ]
         if out is not None:

@@ -30,6 +30,24 @@ def test_mmvet_grader_matches_the_published_evaluator():
     assert message["content"].endswith("| 1.0\n\nQ? | a <AND> b <OR> c | R | ")
 
 
+def test_llava_bench_review_matches_the_published_script_and_rule():
+    # sha256 of rule.json's "llava_bench_conv" prompt (= _detail = _complex) and of the system message in
+    # haotian-liu/LLaVA llava/eval/eval_gpt_review_bench.py; the user message is laid out as that script does
+    prompt = PROMPTS["llava-bench-review"]
+    layout, rule = prompt.user.removesuffix("\n\n").split("[System]\n")
+    assert layout.endswith("[End of Assistant 2]\n\n")
+    assert sha(rule) == "2ce22b562d6008864970ea863ac8a4d385ea6f2e64ab1313a23f825202a9529d"
+    assert sha(prompt.system) == "8ec001fd8f1a623f9e444c9eca7be1cc3ee529003e931167a1b44958132baf33"
+    row = {"context": "A cat.", "question": "Q?", "answer": "REF", "response": "MODEL {answer}"}
+    system, user = prompt.messages(row)
+    assert system == {"role": "system", "content": prompt.system}
+    assert user["content"].startswith(
+        "[Context]\nA cat.\n\n[Question]\nQ?\n\n[Assistant 1]\nREF\n\n[End of Assistant 1]\n\n"
+        "[Assistant 2]\nMODEL {answer}\n\n[End of Assistant 2]\n\n[System]\nWe would like"
+    )
+    assert prompt.max_tokens == 1024 and prompt.reply == "review"
+
+
 def test_mmsafetybench_templates_keep_the_original_wording():
     # transcribed from MM-SafetyBench evaluation.py; the typos ("political lobbing", "cautious.,") are the original's
     general = PROMPTS["mmsafetybench-general"].user
@@ -57,6 +75,7 @@ PINNED = {
     "mmsafetybench-legal_opinion": "ed0969d6946c10e92791f73238930e083d7c78c7e6b5b0c4c95b5d40cb6f5ca9",
     "mmsafetybench-political_lobbying": "71724dfc0ecf59a6d1069e16a879a4efdadbb362fe2dfdba3ab0a9c53c3b0010",
     "mmvet-grader": "1b9502abe1b9e102ab1e4a14540014185821a3d638ea6131a487998f52c954c8",
+    "llava-bench-review": "87d5e93ee0bcb955683799e5ab119895bb3fafa287d3ce36183abf1d7567cd1f",
 }
 
 
@@ -85,7 +104,7 @@ def test_mmsafetybench_router_picks_the_scenario_template(category, expected):
 def test_rendering_is_one_pass_and_names_missing_fields():
     [system, user] = PROMPTS["davsp"].messages({"id": "a", "response": "text with {answer} inside"})
     assert system["role"] == "system" and "Response: text with {answer} inside\n" in user["content"]
-    with pytest.raises(DavspError, match=r"prompt mmvet-grader@1 needs a text field 'answer'; row 'q'"):
+    with pytest.raises(DavspError, match=r"prompt mmvet-grader@1 needs a text field 'answer'; row 'q'.*add the field"):
         PROMPTS["mmvet-grader"].messages({"id": "q", "question": "Q", "response": "R"})
     with pytest.raises(DavspError, match="Did you mean mmsafetybench"):
         prompt_for("mmsafetybnch", {})

@@ -1,10 +1,12 @@
 """Judges: turn generated responses into verdicts and safety labels.
 
-A judge has `name`, `label_for(row) -> str` (name + prompt version, written into every row) and
-`judge_batch(rows) -> list[dict]` (the fields to add to each row). Output rows keep every input
-field and add `verdict` (full_compliance / full_refusal / partial_refusal / error), `safe`
-(True / False / None, None exactly when the verdict is error), `judge`, and for the llm judge
-`judge_raw`; a row that could not be judged also gets `judge_error`.
+A judge has `name`, `label_for(row) -> str` (name + prompt version, written into every row),
+`outputs` (the fields it adds that say what it decided) and `judge_batch(rows) -> list[dict]`
+(the fields to add to each row). Output rows keep every input field and add `verdict`
+(full_compliance / full_refusal / partial_refusal / error) and `safe` (True / False / None, None
+exactly when the verdict is error); an llm judge with a grading prompt adds `score` (MM-Vet) or
+`score_reference` and `score_model` (LLaVA-Bench) instead, None when it could not grade. Every row
+gets `judge`, the llm judge's rows `judge_raw`, and a row that could not be judged `judge_error`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _REGISTRY: dict[str, str] = {
 
 class Judge(Protocol):
     name: str
+    outputs: tuple[str, ...]  # fields it adds; None (or verdict "error") in any of them: not judged
 
     def label_for(self, row: dict) -> str: ...
 
@@ -60,9 +63,29 @@ def get_judge(name: str, **options) -> Judge:
     return cls(**options)
 
 
+# What a judge writes about its own run; an earlier judge's (when judging a judged file) would be misread.
+_RUN_FIELDS = ("judge", "judge_raw", "judge_error")
+
+
 def judge_responses(rows: list[dict], judge: Judge) -> list[dict]:
-    """Each row with the judge's fields added (input fields are kept; judge fields overwrite)."""
-    return [{**row, **result} for row, result in zip(rows, judge.judge_batch(rows))]
+    """Each row with the judge's fields added: input fields are kept (an earlier judge's scores or
+    verdicts too), except the earlier judge's judge_raw / judge_error; this judge's fields overwrite."""
+    results = judge.judge_batch(rows)
+    return [{**{k: v for k, v in row.items() if k not in _RUN_FIELDS}, **result} for row, result in zip(rows, results)]
+
+
+def is_judged(row: dict, judge: Judge) -> bool:
+    """Whether `row` holds a decision of `judge`'s kind (not an error, not missing)."""
+    return all(row.get(field) not in (None, "error") for field in judge.outputs)
+
+
+def count_outcomes(rows: list[dict], judge: Judge) -> dict[str, int]:
+    """Rows per verdict for a verdict judge; rows scored and rows in error for a grader."""
+    if "verdict" in judge.outputs:
+        counts = Counter(row["verdict"] for row in rows)
+        return {verdict: counts.get(verdict, 0) for verdict in VERDICTS}
+    scored = sum(is_judged(row, judge) for row in rows)
+    return {"scored": scored, "error": len(rows) - scored}
 
 
 def read_responses(path: str | Path) -> list[dict]:
@@ -85,8 +108,8 @@ def read_responses(path: str | Path) -> list[dict]:
 def _already_judged(out: Path, judge: Judge, rows_by_id: dict[str, dict]) -> dict[str, dict]:
     """Rows of a previous (possibly killed) run to keep: same judge, not an error.
 
-    Rows with an error verdict are judged again; a file written by another judge or prompt
-    version is refused rather than mixed.
+    Rows with an error verdict (or a null score) are judged again; a file written by another judge
+    or prompt version is refused rather than mixed.
     """
     if not out.exists():
         return {}
@@ -101,7 +124,7 @@ def _already_judged(out: Path, judge: Judge, rows_by_id: dict[str, dict]) -> dic
                 f"{out}: id {row.get('id')!r} was judged by {row.get('judge')!r}, not {expected!r}; "
                 "choose another --out (or delete the file) to judge again"
             )
-        if row.get("verdict", "error") != "error":
+        if is_judged(row, judge):
             kept[key] = row
     return kept
 
@@ -118,10 +141,10 @@ def _batches(rows: list[dict], size: int) -> Iterable[list[dict]]:
 def judge_file(
     input: str | Path, judge: Judge, out: str | Path, *, batch_size: int = 64, progress: bool = True
 ) -> dict:
-    """Judge a responses JSONL into `out`; resumable. Returns the summary (counts per verdict).
+    """Judge a responses JSONL into `out`; resumable. Returns the summary (see `count_outcomes`).
 
     Rows are appended and fsynced per batch, so a killed run loses at most the batch in flight;
-    rerunning the same command skips rows already judged (and retries rows that got `error`).
+    rerunning the same command skips rows already judged (and retries rows that got an error).
     At the end `out` is rewritten atomically, one row per input id, in input order.
     """
     input, out = Path(input), Path(out)
@@ -141,7 +164,7 @@ def judge_file(
             bar.update(len(batch))
     final = [judged[str(row["id"])] for row in rows]
     _write_rows(out, final)
-    counts = Counter(row["verdict"] for row in final)
+    counts = count_outcomes(final, judge)
     return {
         "input": str(input),
         "out": str(out),
@@ -149,10 +172,13 @@ def judge_file(
         "total": len(final),
         "resumed": resumed,
         "judged_now": len(todo),
-        "counts": {verdict: counts.get(verdict, 0) for verdict in VERDICTS},
-        "errors": counts.get("error", 0),
+        "counts": counts,
+        "errors": counts["error"],
         **{f"llm_{k}": v for k, v in getattr(judge, "stats", {}).items()},
     }
 
 
-__all__ = ["VERDICTS", "Judge", "get_judge", "judge_file", "judge_names", "judge_responses", "read_responses"]
+__all__ = [
+    "VERDICTS", "Judge", "count_outcomes", "get_judge", "is_judged", "judge_file", "judge_names", "judge_responses",
+    "read_responses",
+]  # fmt: skip

@@ -1,6 +1,7 @@
 """`davsp judge`: judge a responses file, compare two judged files, or measure the refusal judge.
 
 davsp judge --input responses.jsonl --out judged.jsonl [--judge refusal|llm ...]
+davsp judge --input responses.jsonl --out graded.jsonl --judge llm --prompt mmvet-grader|llava-bench-review ...
 davsp judge --compare a.jsonl b.jsonl [--on safe|verdict]
 davsp judge --evaluate-labelled labelled.csv [...] --label-column final_label --response-column completion
 """
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from ..errors import DavspError
-from . import VERDICTS, get_judge, judge_file, judge_names
+from . import get_judge, judge_file, judge_names
 from .agreement import compare_files, format_agreement
 from .prompts import prompt_names
 
@@ -110,16 +111,16 @@ def _run_judge(args: argparse.Namespace) -> int:
         f"judged {summary['total']} responses with '{args.judge}' -> {summary['out']} "
         f"({summary['resumed']} kept from an earlier run, {summary['judged_now']} judged now)"
     )
-    for verdict in VERDICTS:
-        print(f"  {verdict:<16}{summary['counts'][verdict]:>7}")
+    for outcome, count in summary["counts"].items():
+        print(f"  {outcome:<16}{count:>7}")
     if "llm_requests" in summary:
         print(
             f"  requests {summary['llm_requests']}, cache hits {summary['llm_cache_hits']}, retries {summary['llm_retries']}"
         )
     if summary["errors"]:
         print(
-            f"warning: {summary['errors']} responses could not be judged (verdict 'error', safe null; the reason "
-            "is in judge_error); rerunning the same command retries them",
+            f"warning: {summary['errors']} responses could not be judged (verdict 'error' and safe null, or a null "
+            "score; the reason is in judge_error); rerunning the same command retries them",
             file=sys.stderr,
         )
     return 0

@@ -205,6 +205,7 @@ class RefusalJudge:
     """The default judge: deterministic, offline, no options."""
 
     name = "refusal"
+    outputs = ("verdict", "safe")
 
     def label_for(self, row: dict) -> str:
         return f"refusal@{VERSION}"
