@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import DavspError
 
 # modules that add their own verbs with `add_commands(subparsers)`
-_COMMAND_MODULES: list[str] = ["davsp.data.cli", "davsp.judges.cli", "davsp.evaluate", "davsp.report", "davsp.demo",
+_COMMAND_MODULES: list[str] = ["davsp.data.cli", "davsp.judges.cli", "davsp.evaluate", "davsp.report", "davsp.demo", "davsp.bench",
                                   "davsp.toy.build"]
 
 

@@ -1,0 +1,135 @@
+import argparse
+import json
+from functools import partial
+
+import pytest
+import torch
+
+from davsp import bench
+from davsp.bench_models import build_architecture, load_bench_model
+from davsp.errors import DavspError
+from davsp.train import step_loss
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llava, tmp_path_factory):
+    return bench.train_setup(tiny_llava, tmp_path_factory.mktemp("bench"), batch_size=2, seed=0)
+
+
+def _mixed_length_pair(pool) -> list[int]:
+    """Two samples whose prompts differ in length, so the project's batch is left-padded."""
+    first = pool.questions[0]
+    other = next(i for i, q in enumerate(pool.questions) if len(q) != len(first))
+    return [0, other]
+
+
+def _loss_and_grad(loss_fn, setup, harmful: bool, with_output: bool):
+    idx = _mixed_length_pair(setup.pools[harmful])
+    return bench.loss_and_border_grad(loss_fn, setup, setup.blank_vsp(), idx, harmful, with_output)
+
+
+@pytest.mark.parametrize("harmful, with_output", [(True, False), (False, True)], ids=["harmful", "benign+output"])
+def test_project_step_equals_the_original_loop(setup, harmful, with_output):
+    reference = partial(bench.reference_step_loss, pad_to=bench.reference_padded_length(setup.adapter))
+    loss, grad = _loss_and_grad(step_loss, setup, harmful, with_output)
+    ref_loss, ref_grad = _loss_and_grad(reference, setup, harmful, with_output)
+    assert loss.item() > 0 and torch.allclose(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    border = setup.blank_vsp().mask.expand_as(grad)
+    assert grad[~border].abs().max() == 0 and ref_grad[border].abs().max() > 0  # only the border learns
+    clear = ref_grad.abs() > 1e-3 * ref_grad.abs().max()  # where the reference sign is not a rounding accident
+    assert clear.sum() > 0.5 * border.sum()
+    assert torch.equal(grad[clear].sign(), ref_grad[clear].sign())
+
+
+def test_reference_pads_to_the_original_length_capped_at_the_context(tiny_llava):
+    # 1024 text tokens with the image as one token = 1023 + 16 image tokens, over the tiny model's 512 positions
+    assert bench.reference_padded_length(tiny_llava) == 512
+    assert bench.reference_padded_length(tiny_llava, 100) == 99 + tiny_llava.num_image_tokens
+
+
+def test_reference_output_loss_does_not_depend_on_the_padding(setup):
+    pool = setup.pools[False]
+    canvas = setup.blank_vsp().compose(pool.prepared[:1], setup.adapter.normalize)
+    losses = [bench._reference_output_loss(setup.adapter, pool.questions[0], canvas, pool.answers[0], pad_to)
+              for pad_to in (0, 300)]  # right padding sits after the answer: causal attention ignores it
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_qwen2vl_benign_step_equals_the_original_loop(tmp_path):
+    adapter = build_architecture("tiny-qwen2-vl", layers=2)
+    qwen = bench.train_setup(adapter, tmp_path, batch_size=2, seed=0)
+    reference = partial(bench.reference_step_loss, pad_to=bench.reference_padded_length(adapter))  # 1279: padded
+    loss, grad = _loss_and_grad(step_loss, qwen, False, True)
+    ref_loss, ref_grad = _loss_and_grad(reference, qwen, False, True)
+    assert torch.allclose(loss, ref_loss, rtol=1e-4)
+    clear = ref_grad.abs() > 1e-3 * ref_grad.abs().max()
+    assert torch.equal(grad[clear].sign(), ref_grad[clear].sign())
+
+
+def test_real_size_architectures_match_the_published_parameter_counts():
+    # built on the meta device: shapes only, no memory
+    assert sum(p.numel() for p in build_architecture("llava-1.5-7b", device="meta").model.parameters()) == 7_063_427_072
+    qwen = build_architecture("qwen2-vl-7b", device="meta", layers=3)
+    assert qwen.num_layers == 3 and qwen.hidden_size == 3584 and qwen.num_image_tokens == 256
+
+
+def test_unknown_architecture_and_bad_layers(tiny_llava_path):
+    with pytest.raises(DavspError, match="unknown architecture 'llava-9b'"):
+        build_architecture("llava-9b")
+    with pytest.raises(DavspError, match="Did you mean 'llava-1.5-13b'"):
+        load_bench_model("llava-1.5-13", device="cpu", dtype=torch.float32)
+    with pytest.raises(DavspError, match="has only 4 decoder layers"):
+        load_bench_model(str(tiny_llava_path), device="cpu", dtype=torch.float32, layers=9)
+    truncated = load_bench_model(str(tiny_llava_path), device="cpu", dtype=torch.float32, layers=2)
+    assert truncated.num_layers == 2 and len(truncated.model.model.language_model.layers) == 2
+
+
+def _run_cli(argv: list[str], capsys) -> dict:
+    parser = argparse.ArgumentParser(prog="davsp")
+    bench.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([*argv, "--device", "cpu", "--threads", "1", "--json"])
+    threads = torch.get_num_threads()
+    try:
+        assert args.func(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide: leave other tests as they were
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_bench_train_json(tiny_llava_path, capsys):
+    report = _run_cli(["bench", "train", "--model", str(tiny_llava_path), "--reference", "--steps", "1",
+                       "--warmup", "1"], capsys)
+    assert report["ratio"] > 0 and report["layer"] == 2 and report["reference"]["padded_length"] == 512
+    for path in ("project", "reference"):
+        for kind in ("harmful", "benign"):
+            assert report[path][kind]["samples_per_s"] > 0 and report[path][kind]["peak_memory_gib"] is None
+    assert report["loss_rel_diff_harmful"] < 1e-4 and report["loss_rel_diff_benign"] < 1e-4
+    assert "harmful_tflops_per_s" not in report  # GPU only
+
+
+def test_cli_bench_generate_json(capsys):
+    report = _run_cli(["bench", "generate", "--model", "tiny-llava", "--reference", "--n", "3",
+                       "--max-new-tokens", "4", "--batch-size", "3"], capsys)
+    assert report["ratio"] > 0 and report["n"] == 3
+    assert report["project"]["batch_size"] == 3 and report["reference"]["batch_size"] == 1
+    assert 0 < report["project"]["tokens"] <= 12
+    assert report["same_outputs"] == 1.0  # batched greedy == one at a time
+
+
+def test_bench_rejects_nonsense_settings(tiny_llava):
+    with pytest.raises(DavspError, match="--steps >= 1"):
+        bench.bench_train(tiny_llava, steps=0)
+    with pytest.raises(DavspError, match="--max-new-tokens"):
+        bench.bench_generate(tiny_llava, max_new_tokens=0)
+
+
+def test_harmful_step_flops_counts_vision_and_layers_up_to_l(setup):
+    model = setup.adapter.model.model
+    vision = sum(p.numel() for m in (model.vision_tower, model.multi_modal_projector) for p in m.parameters())
+    first_two = sum(p.numel() for layer in model.language_model.layers[:2] for p in layer.parameters())
+    pool, idx = setup.pools[True], [0, 1]
+    batch = setup.adapter.batch([pool.questions[i] for i in idx],
+                                setup.blank_vsp().compose(pool.prepared[idx], setup.adapter.normalize))
+    patches = 2 * (32 // 8) ** 2  # two 32 px canvases of 8 px patches
+    expected = 2 * 2 * (vision * patches + first_two * batch.model_inputs["input_ids"].numel())
+    assert setup.layer == 2 and bench.harmful_step_flops(setup, [idx]) == pytest.approx(expected)
