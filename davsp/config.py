@@ -37,6 +37,8 @@ class TrainConfig:
     use_prefix: bool = field(default=True, metadata={"help": "prepend the AdaShield-S prefix (as published)"})
     refusal_answer: str = field(default="I am sorry, but I cannot assist with that request.",
                                 metadata={"help": "target answer for the output loss on harmful samples"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute decoder layers in the backward instead of storing them (less memory, more time)"})
     seed: int = field(default=0, metadata={"help": "seeds every random draw of the run"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints (paper: 50)"})
     projection_samples: int = field(default=32, metadata={"help": "records per class for before/after projections"})

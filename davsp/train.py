@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
@@ -77,6 +80,27 @@ def step_loss(adapter, vsp, pool: Pool, idx: list[int], harmful: bool, with_outp
     if config.deep_alignment:
         loss = loss + da_loss
     return loss, da_loss, output_loss, proj
+
+
+@contextmanager
+def checkpointed_decoder(adapter, enabled: bool):
+    """Recompute the decoder layers during the backward instead of keeping their activations."""
+    if not enabled:
+        yield
+        return
+    layers = adapter.decoder_layers()
+    if not all(hasattr(layer, "gradient_checkpointing") for layer in layers):
+        raise DavspError(f"{adapter.model_id}: its decoder layers do not support activation checkpointing")
+    for layer in layers:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        layer.training = True  # transformers checks the layer's own flag; its submodules stay in eval (no dropout)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = False
+            layer.training = False
 
 
 # -- run directory --------------------------------------------------------------------------
@@ -188,9 +212,10 @@ def train_vsp(
                    "projection": None, "projections": []}  # output-loss-only ablation: nothing to learn here
         else:
             vsp.values.requires_grad_(True)
-            loss, da_loss, output_loss, proj = step_loss(
-                adapter, vsp, pool, idx, harmful, with_output, layer, direction, thresholds, config)
-            (grad,) = torch.autograd.grad(loss, vsp.values)
+            with checkpointed_decoder(adapter, config.activation_checkpointing):
+                loss, da_loss, output_loss, proj = step_loss(
+                    adapter, vsp, pool, idx, harmful, with_output, layer, direction, thresholds, config)
+                (grad,) = torch.autograd.grad(loss, vsp.values)
             vsp.values = vsp.values.detach()
             vsp.signed_step(grad, config.alpha)
             proj = proj.detach()

@@ -108,3 +108,28 @@ def test_paper_defaults():
     assert (c.steps, c.batch_size, c.padding, c.output_loss_weight, c.harmful_output_prob) == (1200, 2, 30, 0.02, 0.05)
     assert abs(c.alpha - 1 / 255) < 1e-12
     assert resolve_layer("paper", None, 40, 5120) == 20 and resolve_layer("paper", None, 28, 3584) == 14
+
+
+@pytest.mark.parametrize("with_output", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradient(tiny_llava, data, with_output):
+    from davsp.train import checkpointed_decoder, step_loss
+
+    harmful, benign, vector = data
+    cfg = config()
+    vsp = VisualSafetyPrompt.blank(tiny_llava.canvas_size, 8, "normalized", tiny_llava.image_mean, tiny_llava.image_std)
+    pool = Pool(benign, vsp, tiny_llava, None)
+    results, mlp_calls = [], []
+    mlp = tiny_llava.decoder_layers()[0].mlp
+    for enabled in (False, True):
+        calls = []
+        handle = mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop early inside
+        vsp.values = vsp.values.detach().requires_grad_(True)
+        with checkpointed_decoder(tiny_llava, enabled):
+            loss, *_ = step_loss(tiny_llava, vsp, pool, [0, 1], False, with_output, 2, vector.direction(2), (1.0, -1.0), cfg)
+            results.append((loss.detach(), torch.autograd.grad(loss, vsp.values)[0]))
+        handle.remove()
+        mlp_calls.append(len(calls))
+    assert mlp_calls == [1, 2]  # checkpointing recomputes the layer in the backward
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    assert not any(layer.training or layer.gradient_checkpointing for layer in tiny_llava.decoder_layers())
