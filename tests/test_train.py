@@ -133,3 +133,13 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient(tiny_llava, d
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
     assert not any(layer.training or layer.gradient_checkpointing for layer in tiny_llava.decoder_layers())
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "deployable.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    import davsp
+
+    loaded = TrainConfig.from_yaml(Path(davsp.__file__).parent / "configs" / name)
+    assert loaded.steps == 1200 and loaded.padding == 30
