@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data.records import Record, load_image
 from .defenses import SAFETY_PREFIX, defense_parts, with_prefix
 from .errors import DavspError
-from .io import append_jsonl, read_jsonl
+from .io import append_jsonl, drop_torn_tail
 from .prompt import VisualSafetyPrompt
 from .vector import batched
 
@@ -65,9 +65,7 @@ def generate_responses(
     defense_parts(defense)
     if vsp is not None and vsp.canvas_size != adapter.canvas_size:
         raise DavspError(f"VSP canvas {vsp.canvas_size}px does not match the model's {adapter.canvas_size}px")
-    done: dict[str, dict] = {}
-    if out is not None and Path(out).exists():
-        done = {row["id"]: row for row in read_jsonl(out, tolerate_torn_tail=True)}
+    done = {row["id"]: row for row in drop_torn_tail(out)} if out is not None else {}
     todo = [r for r in records if r.id not in done]
     todo.sort(key=lambda r: len(r.question))  # similar lengths share a batch: less padding
     rows: list[dict] = []

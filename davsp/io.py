@@ -88,6 +88,19 @@ def read_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterato
         yield row
 
 
+def drop_torn_tail(path: str | Path) -> list[dict]:
+    """Rows of a JSONL output a killed run may have cut mid-line; the torn last line is removed from
+    the file (atomically) so that appending goes on from a clean line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = list(read_jsonl(path, tolerate_torn_tail=True))
+    text = path.read_text(encoding="utf-8")
+    if text and (not text.endswith("\n") or len([l for l in text.splitlines() if l.strip()]) != len(rows)):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

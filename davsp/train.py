@@ -120,13 +120,13 @@ def _latest_checkpoint(run: Path) -> Path | None:
 
 def _restore(run: Path, vsp: VisualSafetyPrompt, generator: torch.Generator) -> int:
     """Load the latest checkpoint into `vsp` and `generator`; drop metric rows written after it."""
+    step = 0
     path = _latest_checkpoint(run)
-    if path is None:
-        return 0
-    with safe_open(str(path), framework="pt") as f:
-        step = int(f.metadata()["step"])
-        vsp.values.copy_(f.get_tensor("values"))
-        generator.set_state(f.get_tensor("rng_state"))
+    if path is not None:
+        with safe_open(str(path), framework="pt") as f:
+            step = int(f.metadata()["step"])
+            vsp.values.copy_(f.get_tensor("values"))
+            generator.set_state(f.get_tensor("rng_state"))
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         kept = [row for row in read_jsonl(metrics, tolerate_torn_tail=True) if row["step"] <= step]
