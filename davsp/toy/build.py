@@ -60,7 +60,8 @@ class BuildConfig:
     probe_weight: float = 1.0
     shift_share: float = 0.5  # share of samples whose danger is shifted along the direction
     shift_range: float = 0.6
-    framed_share: float = 0.5  # share of images shrunk into the centre inside a random border
+    framed_share: float = 0.5  # share of images shrunk into the centre inside a random border (vision phase)
+    world_framed_share: float = 0.5  # the same share in the whole-model phase
     prefix_share: float = 0.5  # share of batches whose questions carry the safety prefix
     threads: int = 1  # one thread: reproducible bit for bit, and robust to a shared, busy CPU
 
@@ -315,7 +316,7 @@ def training_batch(pool, cache, cfg, rng, gen):
     answers = [world.world_answer(q, float(s)) for q, s in zip(queries, shift)]
     index = [int(rng.choice(pool.by_class[(q.image_concept, q.count)])) for q in queries]
     caution = torch.tensor([q.caution for q in queries], dtype=torch.float32)
-    pixels = frame_some(pool.pixels[index], cfg.framed_share, gen, caution, pool.stripes)
+    pixels = frame_some(pool.pixels[index], cfg.world_framed_share, gen, caution, pool.stripes)
     input_ids, mask, last, positions, targets = pack_left_padded(
         [cache.prompt(q.question) for q in queries], [cache.answer(a) for a in answers], cache.processor.tokenizer.pad_token_id
     )
