@@ -57,6 +57,11 @@ class Adapter(Protocol):
     @property
     def hidden_size(self) -> int: ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go (the embedding's device; with device_map="auto" the first shard)."""
+        ...
+
     def decoder_layers(self) -> torch.nn.ModuleList: ...
 
     def prompt_text(self, question: str) -> str:
