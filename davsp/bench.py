@@ -311,13 +311,13 @@ def bench_train(adapter, *, steps: int = 10, batch_size: int = 2, warmup: int = 
 
 
 # -- generation -------------------------------------------------------------------------------------
-def _time_generation(adapter, records, vsp, max_new_tokens: int, batch_size: int) -> dict:
+def _time_generation(adapter, records, vsp, max_new_tokens: int, batch_size: int, static_cache: bool = False) -> dict:
     device = adapter.device
     _reset_peak(device)
     _sync(device)
     started = time.perf_counter()
     rows = generate_responses(adapter, records, defense="davsp", vsp=vsp, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, progress=False)
+                              batch_size=batch_size, progress=False, static_cache=static_cache)
     _sync(device)
     seconds = time.perf_counter() - started
     tokens = sum(row["new_tokens"] for row in rows)
@@ -326,8 +326,11 @@ def _time_generation(adapter, records, vsp, max_new_tokens: int, batch_size: int
 
 
 def bench_generate(adapter, *, n: int = 16, max_new_tokens: int = 32, batch_size: int = 16, reference: bool = False,
-                   seed: int = 0) -> dict:
-    """Greedy answers under the DAVSP defense: one batched pass (project) vs one sample at a time (reference)."""
+                   seed: int = 0, static_cache: bool = False) -> dict:
+    """Greedy answers under the DAVSP defense: one batched pass (project) vs one sample at a time (reference).
+
+    `static_cache` applies to the project path only; the reference keeps the original's dynamic cache.
+    """
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise DavspError(f"bench generate: need --n, --max-new-tokens, --batch-size >= 1 "
                          f"(got {n}, {max_new_tokens}, {batch_size})")
@@ -335,12 +338,14 @@ def bench_generate(adapter, *, n: int = 16, max_new_tokens: int = 32, batch_size
                                    adapter.image_mean, adapter.image_std)
     with tempfile.TemporaryDirectory(prefix="davsp-bench-") as folder:
         records = synthetic_records(Path(folder), "query", n, seed)
-        generate_responses(adapter, records[:2], defense="davsp", vsp=vsp, max_new_tokens=2, batch_size=2,
-                           progress=False)  # warm-up: first-call allocations and kernel selection
-        results = {"project": _time_generation(adapter, records, vsp, max_new_tokens, batch_size)}
+        # warm-up: first-call allocations, kernel selection and, with a static cache on a GPU, compilation
+        generate_responses(adapter, records[:batch_size], defense="davsp", vsp=vsp, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=False, static_cache=static_cache)
+        results = {"project": _time_generation(adapter, records, vsp, max_new_tokens, batch_size, static_cache)}
         if reference:
             results["reference"] = _time_generation(adapter, records, vsp, max_new_tokens, 1)
-    report = {"bench": "generate", **_environment(adapter), "n": n, "max_new_tokens": max_new_tokens, **results,
+    report = {"bench": "generate", **_environment(adapter), "n": n, "max_new_tokens": max_new_tokens,
+              "static_cache": static_cache, **results,
               "ratio": None}
     if reference:
         ours, theirs = results["project"], results["reference"]
@@ -396,7 +401,7 @@ def cmd_bench_train(args) -> int:
 
 def cmd_bench_generate(args) -> int:
     report = bench_generate(_load(args), n=args.n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            reference=args.reference, seed=args.seed)
+                            reference=args.reference, seed=args.seed, static_cache=args.static_cache)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
@@ -449,4 +454,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--n", type=_count(1), default=16, help="queries to answer")
     p.add_argument("--max-new-tokens", type=_count(1), default=32, help="tokens per answer at most (EOS stops earlier)")
     p.add_argument("--batch-size", type=_count(1), default=16, help="queries per batch on the project path")
+    p.add_argument("--static-cache", action="store_true",
+                   help="project path with a preallocated KV cache (a GPU then compiles the decoding step)")
     p.set_defaults(func=cmd_bench_generate)

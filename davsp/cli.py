@@ -124,7 +124,7 @@ def cmd_generate(args) -> int:
     vsp = VisualSafetyPrompt.load(args.vsp) if args.vsp else None
     adapter = _load(args)
     rows = generate_responses(adapter, records, defense=args.defense, vsp=vsp, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, out=args.out)
+                              batch_size=args.batch_size, out=args.out, static_cache=args.static_cache)
     print(f"{len(rows)} responses in {args.out}")
     return 0
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int)
+    p.add_argument("--static-cache", action="store_true",
+                   help="preallocated KV cache; on a GPU transformers then compiles the decoding step")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("doctor", help="check that a model works with davsp")

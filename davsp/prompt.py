@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
@@ -125,12 +124,15 @@ class VisualSafetyPrompt:
         values = self.values.unsqueeze(0)
         if self.kind == "additive":
             return normalize((pixels + values).clamp(0, 1))
-        p = self.padding
-        centre = F.pad(pixels, (p, p, p, p))  # (B, 3, S-2p, S-2p) -> (B, 3, S, S), zeros on the border
-        mask = self.mask.to(values.device)
+        inner = slice(self.padding, self.padding + self.inner_size)
+        # the prompt everywhere, then the image over the centre: gradients reach `values` on the border only.
+        # Writing the centre in place is several times faster on a large canvas than pad + where.
+        canvas = values.expand(len(pixels), -1, -1, -1).clone()
         if self.space == "pixel":
-            return normalize(torch.where(mask, values, centre))
-        return torch.where(mask, values, normalize(centre))
+            canvas[:, :, inner, inner] = pixels
+            return normalize(canvas)
+        canvas[:, :, inner, inner] = normalize(pixels)
+        return canvas
 
     def pixels(self) -> torch.Tensor:
         """(3, S, S) the frame in [0, 1] RGB (normalized values are mapped back and clipped)."""

@@ -67,3 +67,10 @@ def tiny_qwen2vl_path(tmp_path_factory):
     from tiny_qwen2vl import build_tiny_qwen2vl
 
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl(tiny_qwen2vl_path):
+    from davsp.adapters import load_adapter
+
+    return load_adapter(str(tiny_qwen2vl_path))

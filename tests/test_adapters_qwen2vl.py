@@ -209,6 +209,7 @@ def test_qwen2_5_vl_loads_and_runs(tmp_path):
     adapter = load_adapter(str(build_tiny_qwen2vl(tmp_path / "tiny-qwen2.5vl", variant="qwen2_5_vl")))
     assert type(adapter.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert adapter.num_layers == 4
+    assert type(adapter.model.model.visual.patch_embed.proj).__name__ == "PatchMatmul"
     canvas = adapter.image_to_canvas(random_image(90, 60, 0))[None].requires_grad_(True)
     batch = adapter.batch(QUESTIONS[:1], adapter.normalize(canvas))
     adapter.model(**batch.model_inputs).logits[0, batch.last_prompt_token[0]].sum().backward()
@@ -241,3 +242,16 @@ def test_wrong_model_type_is_refused(tmp_path):
     LlavaConfig().save_pretrained(tmp_path)
     with pytest.raises(DavspError, match="'llava' is not one of qwen2_vl, qwen2_5_vl"):
         Qwen2VLAdapter.load(str(tmp_path))
+
+
+def test_patch_embedding_matmul_equals_the_conv3d(tiny_path, adapter):
+    from transformers import AutoModelForImageTextToText
+
+    from davsp.adapters.qwen2vl import PatchMatmul
+
+    original = AutoModelForImageTextToText.from_pretrained(str(tiny_path)).model.visual.patch_embed
+    ours = adapter.model.model.visual.patch_embed
+    assert isinstance(original.proj, torch.nn.Conv3d) and isinstance(ours.proj, PatchMatmul)
+    assert set(ours.state_dict()) == set(original.state_dict())  # same weights, same names
+    patches = adapter.patchify(adapter.normalize(random_canvases(adapter, SIZES[:2])))
+    torch.testing.assert_close(ours(patches), original(patches), rtol=1e-5, atol=1e-5)

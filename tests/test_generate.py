@@ -53,3 +53,13 @@ def test_vsp_defense_changes_the_input(tiny_llava, records):
 def test_unknown_defense(tiny_llava, records):
     with pytest.raises(DavspError, match="unknown defense"):
         generate_responses(tiny_llava, records, defense="magic", progress=False)
+
+
+@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2vl"])
+def test_static_cache_gives_the_same_answers(model, records, request):
+    adapter = request.getfixturevalue(model)
+    dynamic = generate_responses(adapter, records[:3], defense="none", max_new_tokens=5, batch_size=3, progress=False)
+    static = generate_responses(adapter, records[:3], defense="none", max_new_tokens=5, batch_size=3, progress=False,
+                                static_cache=True)
+    assert [r["response"] for r in static] == [r["response"] for r in dynamic]
+    assert all(r["new_tokens"] > 0 for r in static)
