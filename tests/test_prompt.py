@@ -32,9 +32,12 @@ def test_compose_keeps_the_image_and_places_the_frame(space):
     normalize = lambda x: (x - vsp.image_mean.view(1, 3, 1, 1)) / vsp.image_std.view(1, 3, 1, 1)
     canvas = vsp.compose(prepared, normalize)[0]
     inner = normalize(prepared.float() / 255)[0]
-    assert torch.allclose(canvas[:, 4:28, 4:28], inner, atol=1e-6)  # the image itself is never perturbed
+    assert torch.equal(canvas[:, 4:28, 4:28], inner)  # the image itself is never perturbed
     border = vsp.values if space == "normalized" else normalize(vsp.values[None])[0]
-    assert torch.allclose(canvas[:, vsp.mask], border[:, vsp.mask], atol=1e-6)
+    assert torch.equal(canvas[:, vsp.mask], border[:, vsp.mask])
+    values = vsp.values.requires_grad_(True)
+    vsp.compose(prepared.expand(3, -1, -1, -1), normalize).sum().backward()
+    assert (values.grad[:, vsp.mask] != 0).all() and (values.grad[:, ~vsp.mask] == 0).all()
 
 
 def test_signed_step_touches_only_the_border_and_clamps_pixels():

@@ -51,6 +51,7 @@ COLORS = {
     "orange": (240, 125, 15),
 }
 COUNTS = ("one", "two", "three")
+GRID = 2  # objects sit in distinct cells of a GRID x GRID grid
 
 
 @dataclass(frozen=True)
@@ -175,17 +176,21 @@ def world_answer(query: Query, shift: float = 0.0) -> str:
 
 
 def render(concept: str, count: int, rng: np.random.Generator, size: int = CANVAS) -> Image.Image:
-    """`count` copies of the concept's object in distinct cells of a 3 x 3 grid, on a light background."""
+    """`count` copies of the concept's object in distinct cells of a 2 x 2 grid, on a light background.
+
+    Two cells a side (not three) make the objects large enough that a shape still reads after the
+    VSP shrinks the image into the centre (radius 9 px becomes 6 px).
+    """
     c = BY_NAME[concept]
     base = rng.integers(228, 250)
     pixels = np.clip(base + rng.normal(0, 4, (size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(img)
-    cell = size / 3
-    radius = size * rng.uniform(0.13, 0.15)
-    for slot in rng.choice(9, size=count, replace=False):
-        cx = (slot % 3 + 0.5) * cell + rng.uniform(-1.5, 1.5)
-        cy = (slot // 3 + 0.5) * cell + rng.uniform(-1.5, 1.5)
+    cell = size / GRID
+    radius = size * rng.uniform(0.18, 0.2)
+    for slot in rng.choice(GRID * GRID, size=count, replace=False):
+        cx = (slot % GRID + 0.5) * cell + rng.uniform(-1.5, 1.5)
+        cy = (slot // GRID + 0.5) * cell + rng.uniform(-1.5, 1.5)
         color = tuple(int(v) for v in np.clip(np.array(COLORS[c.color]) + rng.integers(-12, 13, 3), 0, 255))
         _draw_shape(draw, c.shape, cx, cy, radius, color)
     return img
