@@ -1,6 +1,7 @@
 import argparse
 import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,20 @@ def test_harmful_step_flops_counts_vision_and_layers_up_to_l(setup):
     patches = 2 * (32 // 8) ** 2  # two 32 px canvases of 8 px patches
     expected = 2 * 2 * (vision * patches + first_two * batch.model_inputs["input_ids"].numel())
     assert setup.layer == 2 and bench.harmful_step_flops(setup, [idx]) == pytest.approx(expected)
+
+
+def test_device_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """scripts/bench_device.sh is the one prepared GPU check; here it runs small, on the tiny LLaVA."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MODEL": "tiny-llava", "DEVICE": "cpu", "DTYPE": "float32", "STEPS": "1", "N": "2",
+           "NEW_TOKENS": "3", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "scripts/bench_device.sh"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("train", "generate", "generate_static")}
+    assert reports["train"]["ratio"] > 0 and reports["generate"]["same_outputs"] == 1.0
+    assert reports["generate_static"]["static_cache"] is True and reports["generate_static"]["project"]["tokens"] > 0
+    assert not list(tmp_path.glob("*.part"))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 4's device check, as one prepared script: training and generation benches of the project's
+# path against the reference, plus generation with the static KV cache, one JSON file each.
+#
+#   OUT=results bash scripts/bench_device.sh                 # LLaVA-1.5-13B architecture, cuda, bf16
+#   MODEL=tiny-llava DEVICE=cpu DTYPE=float32 STEPS=2 N=4 NEW_TOKENS=4 OUT=/tmp/b bash scripts/bench_device.sh
+#
+# It runs from the repository root without installing (PYTHONPATH), so it also works on a machine
+# with torch and transformers but no network for pip.
+set -euo pipefail
+MODEL=${MODEL:-llava-1.5-13b}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+STEPS=${STEPS:-20}
+N=${N:-16}
+NEW_TOKENS=${NEW_TOKENS:-256}
+OUT=${OUT:-bench-results}
+PYTHON=${PYTHON:-python3}
+
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+common=(--model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --json)
+
+run() {  # run NAME ARGS...: write OUT/NAME.json atomically, so a killed run leaves no half file
+  local name=$1
+  shift
+  echo "== $name: davsp bench $*" >&2
+  "$PYTHON" -m davsp bench "$@" > "$OUT/$name.json.part"
+  mv "$OUT/$name.json.part" "$OUT/$name.json"
+}
+
+"$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >&2
+run train train "${common[@]}" --reference --steps "$STEPS" --warmup 3 --batch-size 2
+run generate generate "${common[@]}" --reference --n "$N" --max-new-tokens "$NEW_TOKENS" --batch-size "$N"
+run generate_static generate "${common[@]}" --n "$N" --max-new-tokens "$NEW_TOKENS" --batch-size "$N" --static-cache
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+for name in ("train", "generate", "generate_static"):
+    report = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+    keys = ("ratio", "ratio_harmful", "ratio_benign", "harmful_tflops_per_s", "harmful_mfu", "same_outputs")
+    print(name, {k: report[k] for k in keys if report.get(k) is not None},
+          {path: {k: v for k, v in report[path].items() if k in ("samples_per_s", "tokens_per_s", "peak_memory_gib")}
+           for path in ("project", "reference") if path in report})
+PY
