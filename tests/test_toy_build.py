@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from davsp.adapters.llava import LlavaAdapter
 from davsp.defenses import SAFETY_PREFIX
 from davsp.errors import DavspError
 from davsp.toy import build, world
@@ -40,7 +41,8 @@ def test_prompt_layout_matches_the_processor(tiny_world: Path):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     reference = processor(text=prompt, images=image, return_tensors="pt")["input_ids"][0].tolist()
-    assert build.prompt_ids(processor, question) == reference
+    adapter = LlavaAdapter("toy-world", LlavaForConditionalGeneration.from_pretrained(tiny_world), processor)
+    assert adapter.prompt_ids(question) == reference  # the layout the builder trains on
     assert processor.tokenizer.unk_token_id not in reference
 
 

@@ -68,6 +68,14 @@ class Adapter(Protocol):
         """The full chat prompt for one image + question, ending where the answer begins."""
         ...
 
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of `prompt_text` with the image placeholder expanded to one token per image feature."""
+        ...
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer, EOS included (the output-loss targets)."""
+        ...
+
     def image_to_canvas(self, image: Image.Image) -> torch.Tensor:
         """(3, S, S) float32 in [0, 1]: the processor's own geometry (resize/crop), no rescale/normalize."""
         ...

@@ -96,12 +96,12 @@ class LlavaAdapter:
         ours = self.normalize(self.image_to_canvas(image).unsqueeze(0))
         return float((reference.float() - ours).abs().max())
 
-    def _prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str) -> list[int]:
         image_token = self.processor.image_token
         text = self.prompt_text(question).replace(image_token, image_token * self.num_image_tokens)
         return self.tokenizer(text, add_special_tokens=True).input_ids
 
-    def _answer_ids(self, answer: str) -> list[int]:
+    def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
 
     def batch(self, questions: list[str], normalized: torch.Tensor, answers: list[str] | None = None) -> Batch:
@@ -109,8 +109,8 @@ class LlavaAdapter:
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
         input_ids, attention_mask, last, positions, targets = pack_left_padded(
-            [self._prompt_ids(q) for q in questions],
-            [self._answer_ids(a) for a in answers] if answers is not None else None,
+            [self.prompt_ids(q) for q in questions],
+            [self.answer_ids(a) for a in answers] if answers is not None else None,
             pad_id,
         )
         device = self.device

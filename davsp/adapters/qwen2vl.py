@@ -165,12 +165,12 @@ class Qwen2VLAdapter:
         x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1)  # (B, gh, gw, mh, mw, C, T, ph, pw)
         return x.reshape(b * g * g, c * t * p * p)
 
-    def _prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str) -> list[int]:
         # Expand the one image placeholder to one token per merged patch, as the processor does
         text = self.prompt_text(question).replace(_IMAGE_TOKEN, _IMAGE_TOKEN * self.num_image_tokens)
         return self.tokenizer(text).input_ids
 
-    def _answer_ids(self, answer: str) -> list[int]:
+    def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
 
     def batch(self, questions: list[str], normalized: torch.Tensor, answers: list[str] | None = None) -> Batch:
@@ -181,8 +181,8 @@ class Qwen2VLAdapter:
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
         input_ids, attention_mask, last, positions, targets = pack_left_padded(
-            [self._prompt_ids(q) for q in questions],
-            [self._answer_ids(a) for a in answers] if answers is not None else None,
+            [self.prompt_ids(q) for q in questions],
+            [self.answer_ids(a) for a in answers] if answers is not None else None,
             pad_id,
         )
         mm_token_type_ids = torch.where(input_ids == self.image_token_id, _IMAGE, _TEXT)

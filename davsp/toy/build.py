@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.base import pack_left_padded
+from ..adapters.llava import LlavaAdapter
 from ..errors import DavspError
 from ..io import atomic_write_json
 from . import world
@@ -122,18 +123,6 @@ def build_model(processor):
         pad_token_id=tokenizer.pad_token_id, max_new_tokens=24, do_sample=False,
     )
     return model
-
-
-def prompt_ids(processor, question: str) -> list[int]:
-    """The lead adapter's layout: chat template, one image token expanded, <s> added by the tokenizer."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    text = text.replace(processor.image_token, processor.image_token * (CANVAS // PATCH) ** 2)
-    return processor.tokenizer(text, add_special_tokens=True).input_ids
-
-
-def answer_ids(processor, answer: str) -> list[int]:
-    return processor.tokenizer(answer, add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
 
 
 # ---------------------------------------------------------------- image pool
@@ -289,21 +278,22 @@ def danger_shift(layer: torch.nn.Module, direction: torch.Tensor, start: torch.T
 
 
 class TextCache:
-    """Token ids per distinct question / answer string (the world has a few thousand)."""
+    """Token ids per distinct question / answer string (the world has a few thousand), laid out as
+    the LLaVA adapter lays out every batch: chat template, image token expanded, answer + EOS."""
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, adapter):
+        self.adapter = adapter
         self.prompts: dict[str, list[int]] = {}
         self.answers: dict[str, list[int]] = {}
 
     def prompt(self, question: str) -> list[int]:
         if question not in self.prompts:
-            self.prompts[question] = prompt_ids(self.processor, question)
+            self.prompts[question] = self.adapter.prompt_ids(question)
         return self.prompts[question]
 
     def answer(self, answer: str) -> list[int]:
         if answer not in self.answers:
-            self.answers[answer] = answer_ids(self.processor, answer)
+            self.answers[answer] = self.adapter.answer_ids(answer)
         return self.answers[answer]
 
 
@@ -318,7 +308,7 @@ def training_batch(pool, cache, cfg, rng, gen):
     caution = torch.tensor([q.caution for q in queries], dtype=torch.float32)
     pixels = frame_some(pool.pixels[index], cfg.world_framed_share, gen, caution, pool.stripes)
     input_ids, mask, last, positions, targets = pack_left_padded(
-        [cache.prompt(q.question) for q in queries], [cache.answer(a) for a in answers], cache.processor.tokenizer.pad_token_id
+        [cache.prompt(q.question) for q in queries], [cache.answer(a) for a in answers], cache.adapter.tokenizer.pad_token_id
     )
     danger = torch.tensor([world.danger(q) for q in queries], dtype=torch.float32)
     return input_ids, mask, pixels, last, positions, targets, danger, torch.tensor(shift, dtype=torch.float32)
@@ -334,7 +324,7 @@ def train_world(model, pool, processor, cfg: BuildConfig, rng, gen) -> dict:
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad] + [bias]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    cache = TextCache(processor)
+    cache = TextCache(LlavaAdapter("toy-world", model, processor))
     layer = text_model.layers[STEER_LAYER - 1]  # hidden_states[STEER_LAYER] is its output
     stats = {"loss": 0.0, "probe": 0.0}
     bar = tqdm(range(cfg.steps), desc="world", leave=False)

@@ -17,8 +17,9 @@ import torch
 from ..adapters.llava import LlavaAdapter
 from ..data.records import Record
 from ..generate import defended_inputs, generate_batch
+from ..prompt import VisualSafetyPrompt
 from ..vector import batched, extract_harmfulness_vector
-from .world import CANVAS, FRAME, STEER_LAYER, benign_correct, demo_splits, is_refusal
+from .world import FRAME, STEER_LAYER, benign_correct, demo_splits, is_refusal
 
 PERCEPTION = ("name", "color", "shape", "count")
 MAX_NEW_TOKENS = 20
@@ -47,24 +48,17 @@ def steer(layer: torch.nn.Module, vector: torch.Tensor):
 
 
 def responses(adapter, records: list[Record], *, prefix: bool, framed: bool = False, batch_size: int = 16) -> list[str]:
-    """Greedy responses; `framed` shrinks each image into the centre with a mean-colour border
-    (the canvas a VSP starts from), to check perception survives the shrink."""
+    """Greedy responses; `framed` shows each image through a blank VSP (shrunk into the centre inside
+    a mean-colour border: the canvas a VSP starts from), to check perception survives the shrink."""
+    vsp = None
+    if framed:
+        vsp = VisualSafetyPrompt.blank(adapter.canvas_size, FRAME, "normalized", adapter.image_mean, adapter.image_std)
+    defense = ("davsp" if prefix else "vsp") if framed else ("prefix" if prefix else "none")
     out: list[str] = []
     for chunk in batched(records, batch_size):
-        questions, canvases = defended_inputs(adapter, chunk, "prefix" if prefix else "none", None)
-        if framed:
-            canvases = shrink_into_frame(canvases)
+        questions, canvases = defended_inputs(adapter, chunk, defense, vsp)
         out += generate_batch(adapter, questions, canvases, MAX_NEW_TOKENS)[0]
     return out
-
-
-def shrink_into_frame(canvases: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) normalized -> the image shrunk to S - 2p in the centre, border 0 (the mean colour)."""
-    inner = CANVAS - 2 * FRAME
-    small = torch.nn.functional.interpolate(canvases, size=(inner, inner), mode="bilinear", antialias=True)
-    framed = torch.zeros_like(canvases)
-    framed[:, :, FRAME : CANVAS - FRAME, FRAME : CANVAS - FRAME] = small
-    return framed
 
 
 def refusal_rate(texts: list[str]) -> float:
