@@ -126,7 +126,7 @@ class VisualSafetyPrompt:
             return normalize((pixels + values).clamp(0, 1))
         inner = slice(self.padding, self.padding + self.inner_size)
         # the prompt everywhere, then the image over the centre: gradients reach `values` on the border only.
-        # Writing the centre in place is several times faster on a large canvas than pad + where.
+        # Writing the centre in place is faster on a large canvas than pad + where (96 -> 56 ms, 16 x 448 px).
         canvas = values.expand(len(pixels), -1, -1, -1).clone()
         if self.space == "pixel":
             canvas[:, :, inner, inner] = pixels
