@@ -338,9 +338,11 @@ def bench_generate(adapter, *, n: int = 16, max_new_tokens: int = 32, batch_size
                                    adapter.image_mean, adapter.image_std)
     with tempfile.TemporaryDirectory(prefix="davsp-bench-") as folder:
         records = synthetic_records(Path(folder), "query", n, seed)
-        # warm-up: first-call allocations, kernel selection and, with a static cache on a GPU, compilation
-        generate_responses(adapter, records[:batch_size], defense="davsp", vsp=vsp, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, progress=False, static_cache=static_cache)
+        # warm-up: first-call allocations and kernel selection; a static cache is sized to prompt +
+        # max_new_tokens, so its compilation on a GPU needs the full length once
+        generate_responses(adapter, records[:batch_size], defense="davsp", vsp=vsp,
+                           max_new_tokens=max_new_tokens if static_cache else 2, batch_size=batch_size,
+                           progress=False, static_cache=static_cache)
         results = {"project": _time_generation(adapter, records, vsp, max_new_tokens, batch_size, static_cache)}
         if reference:
             results["reference"] = _time_generation(adapter, records, vsp, max_new_tokens, 1)
@@ -389,24 +391,24 @@ def _load(args):
     return load_bench_model(args.model, device=device, dtype=dtype, layers=args.layers)
 
 
+def _emit(report: dict, as_json: bool, unit: str, kinds: list[str]) -> int:
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        _print_table(report, unit, kinds)
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     report = bench_train(_load(args), steps=args.steps, batch_size=args.batch_size, warmup=args.warmup,
                          reference=args.reference, reference_pad=args.reference_pad, seed=args.seed)
-    if args.json:
-        print(json.dumps(report, sort_keys=True))
-    else:
-        _print_table(report, "samples/s", ["harmful", "benign", "all"])
-    return 0
+    return _emit(report, args.json, "samples/s", ["harmful", "benign", "all"])
 
 
 def cmd_bench_generate(args) -> int:
     report = bench_generate(_load(args), n=args.n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             reference=args.reference, seed=args.seed, static_cache=args.static_cache)
-    if args.json:
-        print(json.dumps(report, sort_keys=True))
-    else:
-        _print_table(report, "tokens/s", ["all"])
-    return 0
+    return _emit(report, args.json, "tokens/s", ["all"])
 
 
 def _count(minimum: int):

@@ -26,8 +26,8 @@ def tiny_path(tiny_qwen2vl_path):
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_path):
-    return load_adapter(str(tiny_path))
+def adapter(tiny_qwen2vl):
+    return tiny_qwen2vl  # the session's adapter: no test here changes it
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:
