@@ -1,6 +1,7 @@
 """The CLI end to end on the tiny model, and its one-line errors."""
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -130,3 +131,16 @@ def test_generate_over_a_benchmark_by_name(capsys, tmp_path, tiny_llava_path):
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "fig.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and {r["benchmark"] for r in rows} == {"figstep"} and all("topic" in r for r in rows)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_main_asks_torch_for_huge_pages_unless_the_user_chose(capsys, monkeypatch, tmp_path, preset, expected):
+    # PyTorch reads THP_MEM_ALLOC_ENABLE at its first large CPU allocation, so main sets it before any command
+    if preset is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+    code, _, err = run(capsys, "apply", "--vsp", tmp_path / "missing.safetensors", "--image", tmp_path / "x.png",
+                       "--out", tmp_path / "y.png")
+    assert code == 2 and "VSP file not found" in err
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == expected
