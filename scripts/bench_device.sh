@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4's device check, as one prepared script: training and generation benches of the project's
-# path against the reference, plus generation with the static KV cache, one JSON file each.
+# path against the reference, generation of a larger batch (LARGE_N queries in one batch, project
+# path only), then generation with the static KV cache; one JSON file each, written as each ends,
+# so a run stopped by its time limit still returns the steps it finished.
 #
 #   OUT=results bash scripts/bench_device.sh                 # LLaVA-1.5-13B architecture, cuda, bf16
 #   MODEL=tiny-llava DEVICE=cpu DTYPE=float32 STEPS=2 N=4 NEW_TOKENS=4 OUT=/tmp/b bash scripts/bench_device.sh
@@ -14,6 +16,7 @@ DTYPE=${DTYPE:-bfloat16}
 STEPS=${STEPS:-20}
 N=${N:-16}
 NEW_TOKENS=${NEW_TOKENS:-256}
+LARGE_N=${LARGE_N:-64}
 OUT=${OUT:-bench-results}
 PYTHON=${PYTHON:-python3}
 
@@ -32,14 +35,19 @@ run() {  # run NAME ARGS...: write OUT/NAME.json atomically, so a killed run lea
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >&2
 run train train "${common[@]}" --reference --steps "$STEPS" --warmup 3 --batch-size 2
 run generate generate "${common[@]}" --reference --n "$N" --max-new-tokens "$NEW_TOKENS" --batch-size "$N"
+run generate_large generate "${common[@]}" --n "$LARGE_N" --max-new-tokens "$NEW_TOKENS" --batch-size "$LARGE_N"
 run generate_static generate "${common[@]}" --n "$N" --max-new-tokens "$NEW_TOKENS" --batch-size "$N" --static-cache
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-for name in ("train", "generate", "generate_static"):
-    report = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+reports = {name: json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+           for name in ("train", "generate", "generate_large", "generate_static")}
+sequential = reports["generate"]["reference"]["tokens_per_s"]  # the one-at-a-time loop, same model and lengths
+for name, report in reports.items():
     keys = ("ratio", "ratio_harmful", "ratio_benign", "harmful_tflops_per_s", "harmful_mfu", "same_outputs")
     print(name, {k: report[k] for k in keys if report.get(k) is not None},
-          {path: {k: v for k, v in report[path].items() if k in ("samples_per_s", "tokens_per_s", "peak_memory_gib")}
+          {path: {k: v for k, v in report[path].items() if k in ("batch_size", "samples_per_s", "tokens_per_s", "peak_memory_gib")}
            for path in ("project", "reference") if path in report})
+    if name != "train":
+        print(f"  {name}: {report['project']['tokens_per_s'] / sequential:.1f}x the sequential loop's tokens/s")
 PY

@@ -144,10 +144,12 @@ def test_device_script_runs_end_to_end_on_the_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "MODEL": "tiny-llava", "DEVICE": "cpu", "DTYPE": "float32", "STEPS": "1", "N": "2",
-           "NEW_TOKENS": "3", "OUT": str(tmp_path), "PYTHON": sys.executable}
+           "NEW_TOKENS": "3", "LARGE_N": "4", "OUT": str(tmp_path), "PYTHON": sys.executable}
     done = subprocess.run(["bash", "scripts/bench_device.sh"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("train", "generate", "generate_static")}
+    reports = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("train", "generate", "generate_large", "generate_static")}
     assert reports["train"]["ratio"] > 0 and reports["generate"]["same_outputs"] == 1.0
+    assert reports["generate_large"]["project"]["batch_size"] == 4 and "reference" not in reports["generate_large"]
+    assert "x the sequential loop's tokens/s" in done.stdout
     assert reports["generate_static"]["static_cache"] is True and reports["generate_static"]["project"]["tokens"] > 0
     assert not list(tmp_path.glob("*.part"))
