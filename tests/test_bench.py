@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import json
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,29 @@ def test_project_step_equals_the_original_loop(setup, harmful, with_output):
     clear = ref_grad.abs() > 1e-3 * ref_grad.abs().max()  # where the reference sign is not a rounding accident
     assert clear.sum() > 0.5 * border.sum()
     assert torch.equal(grad[clear].sign(), ref_grad[clear].sign())
+
+
+@pytest.mark.parametrize("harmful, with_output", [(True, False), (False, True)], ids=["harmful", "benign+output"])
+def test_bfloat16_model_step_matches_float32(setup, tiny_llava_path, harmful, with_output):
+    # a GPU run keeps the model in bf16 and the VSP, projection and update in fp32 (METHOD.md); here on the CPU
+    from davsp.adapters import load_adapter
+
+    half = dataclasses.replace(setup, adapter=load_adapter(str(tiny_llava_path), dtype=torch.bfloat16))
+    idx = _mixed_length_pair(setup.pools[harmful])
+    with torch.no_grad():
+        _, _, output_loss, proj = step_loss(setup.adapter, setup.blank_vsp(), setup.pools[harmful], idx, harmful,
+                                            with_output, setup.layer, setup.direction, setup.thresholds, setup.config)
+        _, _, half_output_loss, half_proj = step_loss(half.adapter, half.blank_vsp(), half.pools[harmful], idx,
+                                                      harmful, with_output, half.layer, half.direction,
+                                                      half.thresholds, half.config)
+    assert half_proj.dtype == torch.float32 and torch.allclose(half_proj, proj, rtol=0, atol=0.05 * proj.abs().max())
+    assert torch.allclose(half_output_loss, output_loss, rtol=1e-2)
+    _, grad = _loss_and_grad(step_loss, setup, harmful, with_output)
+    _, half_grad = _loss_and_grad(step_loss, half, harmful, with_output)
+    border = setup.blank_vsp().mask.expand_as(grad)
+    assert half_grad.dtype == torch.float32 and half_grad[~border].abs().max() == 0
+    clear = grad.abs() > 0.01 * grad.abs().max()  # bf16 rounding may flip the sign of a near-zero gradient
+    assert clear.sum() > 0.5 * border.sum() and (half_grad[clear].sign() == grad[clear].sign()).float().mean() > 0.95
 
 
 def test_reference_pads_to_the_original_length_capped_at_the_context(tiny_llava):

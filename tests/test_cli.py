@@ -1,9 +1,11 @@
 """The CLI end to end on the tiny model, and its one-line errors."""
 
 import json
+import math
 import os
 
 import pytest
+import torch
 from PIL import Image
 
 from davsp.cli import main
@@ -109,6 +111,30 @@ def test_vector_and_train_on_tiny_qwen2vl(capsys, tmp_path, tiny_qwen2vl_path, r
                        "--harmful", record_files["harmful"], "--benign", record_files["benign"],
                        "--out", tmp_path / "run", "--steps", "3", "--padding", "28", "--device", "cpu")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("model, padding", [("tiny_llava_path", 4), ("tiny_qwen2vl_path", 28)])
+def test_bfloat16_model_trains_a_float32_frame_and_generates(request, capsys, tmp_path, record_files, model, padding):
+    # what a GPU user runs (--dtype bfloat16), on the CPU: the model in bf16, the VSP and its update in fp32
+    from davsp.prompt import VisualSafetyPrompt, border_mask
+
+    common = ["--model", request.getfixturevalue(model), "--device", "cpu", "--dtype", "bfloat16"]
+    data = ["--harmful", record_files["harmful"], "--benign", record_files["benign"]]
+    assert run(capsys, "vector", *common, *data, "--out", tmp_path / "v.safetensors")[0] == 0
+    code, _, err = run(capsys, "train", *common, *data, "--vector", tmp_path / "v.safetensors",
+                       "--out", tmp_path / "run", "--steps", "3", "--padding", padding)
+    assert code == 0, err
+    vsp = VisualSafetyPrompt.load(tmp_path / "run" / "vsp.safetensors")
+    border = border_mask(vsp.canvas_size, padding)
+    moved = vsp.values != 0  # a normalized-space frame starts at zeros
+    assert vsp.values.dtype == torch.float32 and moved[:, border].any() and not moved[:, ~border].any()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    code, _, err = run(capsys, "generate", *common, "--vsp", tmp_path / "run" / "vsp.safetensors",
+                       "--data", record_files["benign"], "--out", tmp_path / "r.jsonl", "--max-new-tokens", "3",
+                       "--limit", "2")
+    assert code == 0, err
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
 
 
 def test_generate_over_a_benchmark_by_name(capsys, tmp_path, tiny_llava_path):
