@@ -37,7 +37,7 @@ from .defenses import SAFETY_PREFIX
 from .errors import DavspError
 from .generate import generate_responses
 from .prompt import VisualSafetyPrompt
-from .train import Pool, projections, step_loss
+from .train import Pool, loss_and_gradient, projections, step_loss
 
 ORIGINAL_PAD = 1024  # the original pads prompt + answer to 1024 text tokens (the image counts as one)
 PAPER_PADDING, PAPER_CANVAS = 30, 336
@@ -147,13 +147,10 @@ class TrainSetup:
 
 def loss_and_border_grad(loss_fn, setup: TrainSetup, vsp: VisualSafetyPrompt, idx: list[int], harmful: bool,
                          with_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, d loss / d VSP) for one batch through `loss_fn` (`step_loss` or `reference_step_loss`)."""
-    vsp.values.requires_grad_(True)
-    loss, *_ = loss_fn(setup.adapter, vsp, setup.pools[harmful], idx, harmful, with_output, setup.layer,
-                       setup.direction, setup.thresholds, setup.config)
-    (grad,) = torch.autograd.grad(loss, vsp.values)
-    vsp.values = vsp.values.detach()
-    return loss.detach(), grad
+    """(loss, d loss / d VSP) for one batch through `loss_fn`, by the training loop's own gradient step."""
+    (loss, *_), grad = loss_and_gradient(setup.adapter, vsp, setup.pools[harmful], idx, harmful, with_output,
+                                         setup.layer, setup.direction, setup.thresholds, setup.config, loss_fn=loss_fn)
+    return loss, grad
 
 
 def train_setup(adapter, folder: Path, *, batch_size: int, seed: int) -> TrainSetup:

@@ -103,6 +103,21 @@ def checkpointed_decoder(adapter, enabled: bool):
             layer.training = False
 
 
+def loss_and_gradient(adapter, vsp, pool: Pool, idx: list[int], harmful: bool, with_output: bool, layer: int,
+                      direction: torch.Tensor, thresholds: tuple[float, float], config: TrainConfig, *,
+                      loss_fn=step_loss):
+    """`loss_fn`'s (loss, da_loss, output_loss, proj), detached, and d loss / d VSP values for one batch.
+
+    `loss_fn` is `step_loss` or one with its signature (the bench's re-expression of the original loop).
+    """
+    vsp.values.requires_grad_(True)
+    with checkpointed_decoder(adapter, config.activation_checkpointing):
+        losses = loss_fn(adapter, vsp, pool, idx, harmful, with_output, layer, direction, thresholds, config)
+        (grad,) = torch.autograd.grad(losses[0], vsp.values)
+    vsp.values = vsp.values.detach()
+    return tuple(x.detach() for x in losses), grad
+
+
 # -- run directory --------------------------------------------------------------------------
 def _checkpoint_path(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step_{step:06d}.safetensors"
@@ -211,14 +226,9 @@ def train_vsp(
             row = {"step": step, "harmful": harmful, "loss": 0.0, "da_loss": None, "output_loss": None,
                    "projection": None, "projections": []}  # output-loss-only ablation: nothing to learn here
         else:
-            vsp.values.requires_grad_(True)
-            with checkpointed_decoder(adapter, config.activation_checkpointing):
-                loss, da_loss, output_loss, proj = step_loss(
-                    adapter, vsp, pool, idx, harmful, with_output, layer, direction, thresholds, config)
-                (grad,) = torch.autograd.grad(loss, vsp.values)
-            vsp.values = vsp.values.detach()
+            (loss, da_loss, output_loss, proj), grad = loss_and_gradient(
+                adapter, vsp, pool, idx, harmful, with_output, layer, direction, thresholds, config)
             vsp.signed_step(grad, config.alpha)
-            proj = proj.detach()
             row = {"step": step, "harmful": harmful, "loss": loss.item(), "da_loss": da_loss.item(),
                    "output_loss": output_loss.item() if with_output else None,
                    "projection": proj.mean().item(), "projections": proj.tolist()}

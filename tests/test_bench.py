@@ -51,11 +51,9 @@ def test_bfloat16_model_step_matches_float32(setup, tiny_llava_path, harmful, wi
     half = dataclasses.replace(setup, adapter=load_adapter(str(tiny_llava_path), dtype=torch.bfloat16))
     idx = _mixed_length_pair(setup.pools[harmful])
     with torch.no_grad():
-        _, _, output_loss, proj = step_loss(setup.adapter, setup.blank_vsp(), setup.pools[harmful], idx, harmful,
-                                            with_output, setup.layer, setup.direction, setup.thresholds, setup.config)
-        _, _, half_output_loss, half_proj = step_loss(half.adapter, half.blank_vsp(), half.pools[harmful], idx,
-                                                      harmful, with_output, half.layer, half.direction,
-                                                      half.thresholds, half.config)
+        (_, _, output_loss, proj), (_, _, half_output_loss, half_proj) = (
+            step_loss(s.adapter, s.blank_vsp(), s.pools[harmful], idx, harmful, with_output, s.layer, s.direction,
+                      s.thresholds, s.config) for s in (setup, half))
     assert half_proj.dtype == torch.float32 and torch.allclose(half_proj, proj, rtol=0, atol=0.05 * proj.abs().max())
     assert torch.allclose(half_output_loss, output_loss, rtol=1e-2)
     _, grad = _loss_and_grad(step_loss, setup, harmful, with_output)
