@@ -8,9 +8,14 @@ final norm; our layer N is before it).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+
+
+def _hidden_of(output):
+    """A decoder layer's hidden states (B, T, D): a tuple's first item or the tensor (both occur across versions)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 class _StopForward(Exception):
@@ -40,7 +45,7 @@ def capture(
 
     def hook_for(layer: int):
         def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output  # both occur across versions
+            hidden = _hidden_of(output)
             if positions is not None:
                 hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.to(hidden.device)]
             captured[layer] = hidden
@@ -58,6 +63,21 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def edited_output(layer: torch.nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the layer's hidden states (B, T, D) by `edit(hidden)` in every forward inside the block."""
+
+    def hook(module, args, output):
+        hidden = edit(_hidden_of(output))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def last_prompt_states(adapter, batch, wanted: list[int]) -> dict[int, torch.Tensor]:

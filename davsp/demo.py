@@ -39,11 +39,12 @@ class DemoConfig:
     space: str = "normalized"
     max_new_tokens: int = 24
     batch_size: int = 32
+    defenses: tuple[str, ...] = tuple(DEMO_DEFENSES)  # rows to run; only the VSPs they use are trained
 
     def training(self, **changes) -> TrainConfig:
-        from .toy.world import FRAME, STEER_LAYER
+        from .toy.world import VSP_PADDING, STEER_LAYER
 
-        base = dict(steps=self.steps, seed=self.seed, space=self.space, padding=FRAME, layer=str(STEER_LAYER),
+        base = dict(steps=self.steps, seed=self.seed, space=self.space, padding=VSP_PADDING, layer=str(STEER_LAYER),
                     thresholds="auto", batch_size=4, checkpoint_every=max(1, self.steps // 4), device="cpu",
                     dtype="float32", refusal_answer=_refusal())
         return TrainConfig(**{**base, **changes})
@@ -63,7 +64,7 @@ def _scores(rows_by_split: dict[str, list[dict]], records_by_split) -> dict[str,
 
     benign_records = {r.id: r for r in records_by_split["benign_heldout"]}
     return {
-        "rsr": share(rows_by_split["harmful_heldout"], lambda r: r["safe"] is True),
+        "refusal_rate": share(rows_by_split["harmful_heldout"], lambda r: r["safe"] is True),
         "benign_accuracy": share(rows_by_split["benign_heldout"],
                                  lambda r: benign_correct(benign_records[r["id"]], r["response"])),
         "over_refusal": share(rows_by_split["benign_heldout"],
@@ -82,6 +83,11 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, model_dir: s
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DavspError(f"{out}: demo output directory is not empty; choose a new --out")
+    unknown = [d for d in config.defenses if d not in DEMO_DEFENSES]
+    if unknown or not config.defenses:
+        problem = f"unknown defense {unknown[0]!r}" if unknown else "no defense given"
+        raise DavspError(f"--defenses: {problem}; choose from {', '.join(DEMO_DEFENSES)}")
+    labels = [d for d in DEMO_DEFENSES if d in config.defenses]
     model_dir = Path(model_dir or MODEL_DIR)
     if not (model_dir / "config.json").is_file():
         raise DavspError(f"{model_dir}: the safety-world model is missing; rebuild it with `davsp toy build`")
@@ -96,16 +102,20 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, model_dir: s
         "output-only": config.training(deep_alignment=False),
         "additive": config.training(kind="additive", space="pixel"),
     }
+    needed = {DEMO_DEFENSES[label][1] for label in labels}
     vsps = {}
     for name, training in trainings.items():
+        if name not in needed:
+            continue
         print(f"training VSP: {name}")
         vsps[name] = train_vsp(adapter, vector, splits["harmful_train"], splits["benign_train"], training,
                                out / "runs" / name, progress=progress)
 
     judge = get_judge("refusal")
-    summary: dict = {"rsr": {}, "benign_accuracy": {}, "over_refusal": {}, "text_refusal": {}}
+    summary: dict = {"refusal_rate": {}, "benign_accuracy": {}, "over_refusal": {}, "text_refusal": {}}
     all_rows: list[dict] = []
-    for label, (defense, vsp_name) in DEMO_DEFENSES.items():
+    for label in labels:
+        defense, vsp_name = DEMO_DEFENSES[label]
         rows_by_split = {}
         for split in EVAL_SPLITS:
             rows = generate_responses(adapter, splits[split], defense=defense, vsp=vsps.get(vsp_name),
@@ -125,30 +135,21 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), *, model_dir: s
 
 
 def _write_outputs(out: Path, rows: list[dict], summary: dict, config: DemoConfig) -> None:
-    from .evaluate import evaluate_rows, pick_samples, write_evaluation
+    from .evaluate import SCHEMA, evaluate_rows, pick_samples, write_evaluation
     from .report import build_report
 
     atomic_write_text(out / "responses.judged.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     held_out = [r for r in rows if r["split"] != "text_harmful"]
-    metrics = {"schema": "davsp.evaluate/1", "bootstrap": {"resamples": 1000, "confidence": 0.95, "seed": config.seed},
+    metrics = {"schema": SCHEMA, "bootstrap": {"resamples": 1000, "confidence": 0.95, "seed": config.seed},
                "results": evaluate_rows(held_out, seed=config.seed)}
     write_evaluation(out / "eval", metrics, pick_samples(held_out, per_benchmark=3, seed=config.seed))
-    build_report([out / "runs" / "davsp", out / "eval"], out / "report.html")
+    trained = [out / "runs" / "davsp"] if (out / "runs" / "davsp").is_dir() else []
+    build_report([*trained, out / "eval"], out / "report.html")
 
 
 def format_summary(summary: dict) -> str:
-    metrics = ("rsr", "benign_accuracy", "over_refusal", "text_refusal")
+    metrics = ("refusal_rate", "benign_accuracy", "over_refusal", "text_refusal")
     lines = [f"{'defense':<20}" + "".join(f"{m:>17}" for m in metrics)]
-    for label in DEMO_DEFENSES:
+    for label in summary["refusal_rate"]:
         lines.append(f"{label:<20}" + "".join(f"{summary[m][label]:>17.3f}" for m in metrics))
     return "\n".join(lines)
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the whole method on the shipped safety-world model (CPU, minutes)")
-    p.add_argument("--out", default="davsp-demo", help="output directory (must be new or empty)")
-    p.add_argument("--steps", type=int, default=DemoConfig.steps, help="VSP training steps")
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
-    p.add_argument("--space", default=DemoConfig.space, help="normalized (published) or pixel")
-    p.set_defaults(func=lambda args: run_demo(args.out, DemoConfig(steps=args.steps, seed=args.seed,
-                                                                   space=args.space)) and 0)

@@ -9,6 +9,7 @@ from PIL import Image
 from .activations import last_prompt_states
 from .adapters import load_adapter
 from .errors import DavspError
+from .fingerprint import check_vsp_fits
 from .prompt import VisualSafetyPrompt
 
 TOLERANCE = 1e-5
@@ -38,8 +39,9 @@ def border_gradient(adapter, padding: int) -> tuple[float, float]:
     return float(grad.abs()[:, mask].mean()), float(grad.abs()[:, ~mask].max())
 
 
-def run_doctor(model: str, *, device: str = "cpu", dtype: str = "float32", padding: int | None = None) -> bool:
-    """Print one line per check; return True when all pass."""
+def run_doctor(model: str, *, device: str = "cpu", dtype: str = "float32", padding: int | None = None,
+               prompt_format: str | None = None, image_geometry: str = "pad", vsp: str | None = None) -> bool:
+    """Print one line per check; return True when all pass. With `vsp`, also check that VSP file fits the model."""
     ok = True
 
     def report(passed: bool, text: str) -> None:
@@ -47,10 +49,13 @@ def run_doctor(model: str, *, device: str = "cpu", dtype: str = "float32", paddi
         ok &= passed
         print(f"[{'ok' if passed else 'FAIL'}] {text}")
 
-    adapter = load_adapter(model, device=device, dtype=dtype)
+    adapter = load_adapter(model, device=device, dtype=dtype, prompt_format=prompt_format,
+                           image_geometry=image_geometry)
     report(True, f"adapter: {adapter.family} ({type(adapter.model).__name__}), canvas {adapter.canvas_size}px, "
                  f"patch {adapter.patch_size}px")
     report(True, f"decoder: {adapter.num_layers} layers at {adapter.layer_path}, hidden size {adapter.hidden_size}")
+    report(True, f"prompt format {adapter.prompt_format}, image geometry {adapter.image_geometry}: "
+                 f"{adapter.prompt_text('<question>')!r}")
     error = preprocessing_error(adapter)
     report(error <= TOLERANCE, f"preprocessing matches the processor: max abs difference {error:.2e} "
                                f"(tolerance {TOLERANCE:g})")
@@ -59,6 +64,12 @@ def run_doctor(model: str, *, device: str = "cpu", dtype: str = "float32", paddi
     report(border > 0 and interior == 0.0,
            f"gradient reaches the border (mean |g| {border:.2e}) and not the interior (max |g| {interior:.1e}), "
            f"padding {padding}px")
+    if vsp is not None:
+        try:
+            check_vsp_fits(VisualSafetyPrompt.load(vsp), adapter, f"VSP {vsp}")
+            report(True, f"VSP {vsp} was trained for this model")
+        except DavspError as exc:
+            report(False, str(exc))
     return ok
 
 

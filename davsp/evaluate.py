@@ -1,15 +1,18 @@
 """`davsp evaluate`: the paper's numbers from judged responses, per benchmark and defense.
 
 Judged rows are grouped by (benchmark, defense) and each group goes to `metrics.evaluate_group`
-(RSR with bootstrap CIs and breakdowns, over-refusal, MME, MM-Vet, LLaVA-Bench; see metrics.py).
+(per judge: RSR from a harm judge, or the refusal rate from the refusal judge, with bootstrap CIs
+and breakdowns, and over-refusal; then MME, MM-Vet, LLaVA-Bench; see metrics.py). Every table
+names the judge behind it. When several judges judged the same responses (pass each judge's file),
+`agreement` holds Cohen's kappa, the confusion table and the responses they disagree on.
 An evaluation directory holds `tables.md`, `tables.csv`, `samples.jsonl` and `metrics.json`
 (written last, so a directory with `metrics.json` is complete). `davsp report` reads it.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import html
 import io
 import json
 from collections import defaultdict
@@ -24,9 +27,11 @@ from .errors import DavspError
 from .io import (
     atomic_write_json, atomic_write_text, package_versions, read_jsonl, refuse_to_overwrite_input, sha256_file,
 )
-from .metrics import MME_GROUP_OF, MME_SUBTASKS, VERDICTS, evaluate_group, is_harmful
+from .judges import VERDICTS
+from .judges.agreement import judges_agreement
+from .metrics import MME_GROUP_OF, MME_SUBTASKS, evaluate_group, is_harmful, judge_of, row_key
 
-SCHEMA = "davsp.evaluate/1"
+SCHEMA = "davsp.evaluate/2"  # /2: safety numbers per judge, named by judge kind (RSR or refusal rate)
 BENCHMARK_ORDER = ("mm-safetybench", "figstep", "vlguard", "toy", "mm-vet", "mme", "llava-bench")
 
 
@@ -51,12 +56,17 @@ def evaluate_rows(rows: Sequence[dict], *, resamples: int = 1000, confidence: fl
     return results
 
 
+def agreement_of_judges(rows: Sequence[dict]) -> list[dict]:
+    """Every two judges' agreement on the harmful responses both judged (see judges_agreement); [] for one judge."""
+    pairs: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        judge = judge_key(row)
+        if judge is not None and is_harmful(row):
+            pairs[row_key(row)][judge] = row
+    return judges_agreement(pairs)
+
+
 # ---------------------------------------------------------------- loading judged rows
-
-
-def row_key(row: dict) -> tuple:
-    """What makes a judged row unique: MM-SafetyBench shows one question id under three image types."""
-    return row["benchmark"], row["defense"], str(row["id"]), row.get("image_type")
 
 
 def validate_row(row: dict, where: str) -> None:
@@ -69,9 +79,15 @@ def validate_row(row: dict, where: str) -> None:
         raise DavspError(f"{where}: 'safe' must be true, false or null, got {row['safe']!r}")
 
 
+def judge_key(row: dict) -> str | None:
+    """The judge family of a row that carries a safety decision, else None (a graded or unjudged row)."""
+    return judge_of(row) if "safe" in row or "verdict" in row else None
+
+
 def load_judged(paths: Sequence[str | Path]) -> list[dict]:
-    """Rows of judged JSONL files, validated; a row seen twice (same file passed twice, or two
-    judges' outputs of one run) is an error rather than a silently doubled count."""
+    """Rows of judged JSONL files, validated. The same response may come once per judge (one file
+    per judge: their agreement is measured); a response seen twice with the same judge (a file
+    passed twice) is an error rather than a silently doubled count."""
     rows: list[dict] = []
     seen: dict[tuple, str] = {}
     for path in paths:
@@ -79,7 +95,10 @@ def load_judged(paths: Sequence[str | Path]) -> list[dict]:
         for number, row in enumerate(read_jsonl(path), start=1):
             where = f"{path}:{number}"
             validate_row(row, where)
-            key = row_key(row)
+            try:
+                key = (*row_key(row), judge_key(row))
+            except DavspError as exc:
+                raise DavspError(f"{where}: {exc}") from None
             if key in seen:
                 raise DavspError(f"{where}: row {row['id']!r} ({row['benchmark']}, defense {row['defense']}) "
                                  f"already read at {seen[key]}; pass each judged file once")
@@ -105,7 +124,7 @@ def pick_samples(rows: Sequence[dict], *, per_benchmark: int = 3, seed: int = 0)
         for row in mine:
             by_query[row_key(row)[2:]].append(row)
         queries = sorted(by_query, key=str)
-        answered_by_all = [q for q in queries if len(by_query[q]) == len(defenses)] or queries
+        answered_by_all = [q for q in queries if len({r["defense"] for r in by_query[q]}) == len(defenses)] or queries
         pool = [q for q in answered_by_all if is_harmful(by_query[q][0])] or answered_by_all
         chosen = sorted(rng.choice(len(pool), size=min(per_benchmark, len(pool)), replace=False))
         for index in chosen:
@@ -116,7 +135,7 @@ def pick_samples(rows: Sequence[dict], *, per_benchmark: int = 3, seed: int = 0)
 
 
 def sample_fields(row: dict) -> dict:
-    keep = ("id", "benchmark", "defense", "category", "image_type", "question", "response", "verdict", "safe")
+    keep = ("id", "benchmark", "defense", "category", "image_type", "question", "response", "verdict", "safe", "judge")
     return {k: row.get(k) for k in keep if k in row}
 
 
@@ -146,15 +165,29 @@ def metric_entries(results: dict) -> list[dict]:
     return cells
 
 
+# metric key -> table title. A refusal judge's share of safe answers is a refusal rate, not the
+# paper's RSR (which asks a harm judge whether the answer is harmful): the titles say which.
+SAFETY_TITLES = {"rsr": "RSR", "refusal_rate": "Refusal rate on harmful queries", "over_refusal": "Over-refusal"}
+
+
+def safety_title(metric: str, judge: str, by: str | None = None) -> str:
+    """'RSR (%) · judge llm/davsp-auto/deepseek-chat',
+    'Refusal rate on harmful queries by topic (%) · judge refusal@1'."""
+    return f"{SAFETY_TITLES[metric]}{f' by {by}' if by else ''} (%) · judge {judge}"
+
+
 def group_entries(benchmark: str, defense: str, res: dict) -> list[dict]:
     cells = []
-    if "rsr" in res:
-        cells.append(rate_entry("RSR (%)", benchmark, defense, res["rsr"]))
-        for field, parts in res.get("rsr_by", {}).items():
-            table = "RSR (%)" if field == "image_type" else f"RSR by {field} (%)"
-            cells += [rate_entry(table, f"{benchmark} {key}", defense, r) for key, r in parts.items()]
-    if "over_refusal" in res:
-        cells.append(rate_entry("Over-refusal (%)", benchmark, defense, res["over_refusal"]))
+    for judge, numbers in res.get("judges", {}).items():
+        for metric in ("rsr", "refusal_rate"):
+            if metric not in numbers:
+                continue
+            cells.append(rate_entry(safety_title(metric, judge), benchmark, defense, numbers[metric]))
+            for field, parts in numbers.get(f"{metric}_by", {}).items():
+                table = safety_title(metric, judge, None if field == "image_type" else field)
+                cells += [rate_entry(table, f"{benchmark} {key}", defense, r) for key, r in parts.items()]
+        if "over_refusal" in numbers:
+            cells.append(rate_entry(safety_title("over_refusal", judge), benchmark, defense, numbers["over_refusal"]))
     if "mme" in res:
         mme = res["mme"]
         cells += [entry("Utility", f"MME {group}", defense, mme[group]) for group in (*MME_SUBTASKS, "total")]
@@ -175,8 +208,16 @@ def group_entries(benchmark: str, defense: str, res: dict) -> list[dict]:
     return cells
 
 
-# Headline tables and how their rows are labelled when merged into one summary table.
-HEADLINE_TABLES = {"RSR (%)": "RSR ", "Over-refusal (%)": "Over-refusal ", "Utility": ""}
+def headline_label(cell: dict) -> str | None:
+    """A headline cell's row label in the summary table (the judge in brackets), None for other cells."""
+    if cell["table"] == "Utility":
+        return cell["row"]
+    for title in SAFETY_TITLES.values():
+        prefix = f"{title} (%) · judge "
+        if cell["table"].startswith(prefix):
+            name = "Refusal rate" if title.startswith("Refusal rate") else title
+            return f"{name} {cell['row']} [{cell['table'][len(prefix):]}]"
+    return None
 
 
 def format_number(value: float | int | None) -> str:
@@ -217,20 +258,61 @@ def tables(cells: Sequence[dict]) -> dict[str, tuple[list[str], list[list[str]]]
 
 
 def summary_table(cells: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """The headline numbers (RSR, over-refusal, utility) as one table, defenses side by side."""
-    headline = [c for c in cells if c["table"] in HEADLINE_TABLES]
-    return pivot(headline, label=lambda c: HEADLINE_TABLES[c["table"]] + c["row"])
+    """The headline numbers (RSR and/or refusal rate, over-refusal, utility) as one table, defenses
+    side by side, each safety row naming its judge."""
+    headline = [c for c in cells if headline_label(c) is not None and " by " not in c["table"]
+                and (c["table"] == "Utility" or " " not in c["row"])]
+    return pivot(headline, label=headline_label)
+
+
+def markdown_cell(value) -> str:
+    """A table cell as plain text: HTML in a benchmark or category name is shown, never rendered."""
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    escape = (lambda s: str(s).replace("|", "\\|"))
+    escape = markdown_cell
     lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(escape, row)) + " |" for row in body]
     return "\n".join(lines) + "\n"
 
 
 def markdown_tables(cells: Sequence[dict]) -> str:
-    return "\n".join(f"### {title}\n\n{markdown_table(*table)}" for title, table in tables(cells).items())
+    return "\n".join(f"### {markdown_cell(title)}\n\n{markdown_table(*table)}" for title, table in tables(cells).items())
+
+
+def agreement_summary(pair: dict) -> str:
+    """'Cohen's kappa 0.412, observed agreement 0.800 over 50 responses (2 left out: judge error)'."""
+    kappa = "undefined (one label only)" if pair["kappa"] is None else f"{pair['kappa']:.3f}"
+    observed = "n/a" if pair["observed"] is None else f"{pair['observed']:.3f}"
+    return (f"Cohen's kappa {kappa}, observed agreement {observed} over {pair['n']} harmful-query responses "
+            f"({pair['errors_excluded']} left out: judge error)")
+
+
+def agreement_table(pair: dict) -> tuple[list[str], list[list[str]]]:
+    """The confusion table on `safe`: rows the first judge, columns the second."""
+    a, b = pair["judges"]
+    counts = {(x, y): n for x, y, n in pair["table"]}
+    labels = [True, False]
+    header = [f"{a} \\ {b}", *(f"safe={v}" for v in labels)]
+    return header, [[f"safe={x}", *(str(counts.get((x, y), 0)) for y in labels)] for x in labels]
+
+
+def agreement_markdown(agreement: Sequence[dict], *, listed: int = 100) -> str:
+    """Each pair of judges: the kappa line, the confusion table and the responses they disagree on."""
+    parts = []
+    for pair in agreement:
+        a, b = pair["judges"]
+        parts.append(f"### Agreement: {markdown_cell(a)} vs {markdown_cell(b)}\n\n{agreement_summary(pair)}\n\n"
+                     + markdown_table(*agreement_table(pair)))
+        rows = [[str(d.get("benchmark")), str(d.get("defense")), str(d.get("id")), str(d["safe"][a]),
+                 str(d["safe"][b]), str(d.get("response", ""))[:300]] for d in pair["disagreements"][:listed]]
+        if rows:
+            more = len(pair["disagreements"]) - len(rows)
+            parts.append(f"Responses they disagree on ({len(pair['disagreements'])}"
+                         f"{f'; the first {listed} listed, all in metrics.json' if more > 0 else ''}):\n\n"
+                         + markdown_table(["benchmark", "defense", "id", f"safe: {a}", f"safe: {b}", "response"], rows))
+    return "\n".join(parts)
 
 
 CSV_FIELDS = ("table", "row", "column", "value", "ci_low", "ci_high", "n", "errors")
@@ -243,11 +325,19 @@ def csv_text(cells: Sequence[dict], *, extra: dict[str, str] | None = None) -> s
     writer = csv.DictWriter(out, fieldnames=[*extra, *CSV_FIELDS], lineterminator="\n")
     writer.writeheader()
     for cell in cells:
-        writer.writerow({**extra, **{k: "" if cell[k] is None else cell[k] for k in CSV_FIELDS}})
+        row = {**extra, **{k: "" if cell[k] is None else cell[k] for k in CSV_FIELDS}}
+        writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
     return out.getvalue()
 
 
-# ---------------------------------------------------------------- CLI
+def spreadsheet_safe(value):
+    """Text a spreadsheet would run as a formula (=, +, -, @, tab, CR first) gets a leading quote; numbers stay."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+# ---------------------------------------------------------------- the evaluation directory
 
 
 def write_evaluation(out: Path, metrics: dict, samples: Sequence[dict]) -> None:
@@ -255,45 +345,34 @@ def write_evaluation(out: Path, metrics: dict, samples: Sequence[dict]) -> None:
     if out.exists() and not out.is_dir():
         raise DavspError(f"{out}: exists and is not a directory; choose another --out")
     cells = metric_entries(metrics["results"])
-    atomic_write_text(out / "tables.md", markdown_tables(cells))
+    agreement = metrics.get("agreement") or []
+    agreement_text = "\n" + agreement_markdown(agreement) if agreement else ""
+    atomic_write_text(out / "tables.md", markdown_tables(cells) + agreement_text)
     atomic_write_text(out / "tables.csv", csv_text(cells))
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     atomic_write_json(out / "metrics.json", metrics)
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    if args.bootstrap < 0:
-        raise DavspError(f"--bootstrap {args.bootstrap}: must be 0 (no interval) or a positive number of resamples")
-    if not 0.0 < args.confidence < 1.0:
-        raise DavspError(f"--confidence {args.confidence}: must be between 0 and 1, e.g. 0.95")
-    if args.samples < 0:
-        raise DavspError(f"--samples {args.samples}: must be 0 or more")
-    refuse_to_overwrite_input(args.out, *args.judged)
-    rows = load_judged(args.judged)
-    settings = {"resamples": args.bootstrap, "confidence": args.confidence, "seed": args.seed}
-    results = evaluate_rows(rows, **settings)
+def evaluate_files(judged: Sequence[str | Path], out: str | Path, *, resamples: int = 1000,
+                   confidence: float = 0.95, seed: int = 0, samples: int = 3) -> dict:
+    """Evaluate judged JSONL files into the directory `out`; returns the metrics written to metrics.json."""
+    if resamples < 0:
+        raise DavspError(f"--bootstrap {resamples}: must be 0 (no interval) or a positive number of resamples")
+    if not 0.0 < confidence < 1.0:
+        raise DavspError(f"--confidence {confidence}: must be between 0 and 1, e.g. 0.95")
+    if samples < 0:
+        raise DavspError(f"--samples {samples}: must be 0 or more")
+    out = Path(out)
+    refuse_to_overwrite_input(out, *judged)
+    rows = load_judged(judged)
+    settings = {"resamples": resamples, "confidence": confidence, "seed": seed}
     metrics = {
         "schema": SCHEMA,
-        "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in args.judged],
+        "inputs": [{"path": str(p), "sha256": sha256_file(p)} for p in judged],
         "bootstrap": settings,
         "versions": package_versions(),
-        "results": results,
+        "results": evaluate_rows(rows, **settings),
+        "agreement": agreement_of_judges(rows),
     }
-    write_evaluation(args.out, metrics, pick_samples(rows, per_benchmark=args.samples, seed=args.seed))
-    print(markdown_table(*summary_table(metric_entries(results))), end="")
-    print(f"wrote {args.out}/metrics.json, tables.md, tables.csv, samples.jsonl")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="RSR, over-refusal and utility metrics from judged responses",
-        description="Compute RSR (judge errors counted apart, never safe) with bootstrap intervals, "
-                    "over-refusal, MME, MM-Vet and LLaVA-Bench scores per benchmark and defense.")
-    parser.add_argument("judged", nargs="+", type=Path, metavar="JUDGED.jsonl", help="outputs of `davsp judge`")
-    parser.add_argument("--out", type=Path, required=True, help="evaluation directory to write")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the sample choice")
-    parser.add_argument("--samples", type=int, default=3, help="queries per benchmark kept as sample responses")
-    parser.set_defaults(func=run_evaluate)
+    write_evaluation(out, metrics, pick_samples(rows, per_benchmark=samples, seed=seed))
+    return metrics

@@ -2,10 +2,13 @@
 
 Records are sorted by prompt length and batched with left padding; the output JSONL is appended one
 batch at a time, so a killed run loses at most the batch in flight and a rerun skips finished ids.
+Each row records what produced it (`generation_provenance`); a rerun into an output written under
+other settings is refused (`check_resume_provenance`), never mixed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -15,9 +18,11 @@ from tqdm.auto import tqdm
 from .data.records import Record, load_image
 from .defenses import SAFETY_PREFIX, defense_parts, with_prefix
 from .errors import DavspError
-from .io import append_jsonl, drop_torn_tail
+from .fingerprint import check_vsp_fits
+from .io import append_jsonl, batched, drop_torn_tail
 from .prompt import VisualSafetyPrompt
-from .vector import batched
+
+DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 def defended_inputs(adapter, records: list[Record], defense: str, vsp: VisualSafetyPrompt | None):
@@ -33,6 +38,29 @@ def defended_inputs(adapter, records: list[Record], defense: str, vsp: VisualSaf
         canvases = adapter.normalize(torch.stack([adapter.image_to_canvas(img) for img in images]))
     questions = [with_prefix(r.question, SAFETY_PREFIX if use_prefix else None) for r in records]
     return questions, canvases
+
+
+def vsp_sha256(vsp: VisualSafetyPrompt) -> str:
+    """sha256 of the VSP as davsp writes it to a file (equal to the file's own sha256 for a davsp-written file)."""
+    return hashlib.sha256(vsp.to_bytes()).hexdigest()
+
+
+def generation_provenance(adapter, defense: str, vsp: VisualSafetyPrompt | None, max_new_tokens: int) -> dict:
+    """What produces a local generation's rows; written into every row and compared on a resume."""
+    return {"model": adapter.model_id, "family": adapter.family, "defense": defense,
+            "vsp_sha256": vsp_sha256(vsp) if vsp is not None and defense_parts(defense)[1] else None,
+            "prompt_format": adapter.prompt_format, "image_geometry": adapter.image_geometry,
+            "max_new_tokens": max_new_tokens, "dtype": adapter.precision.name}
+
+
+def check_resume_provenance(rows: list[dict], provenance: dict, out: str | Path | None) -> None:
+    """Refuse to add rows to an output whose existing rows were produced under other settings: one line
+    naming the first field that differs. Rows missing a field (an older davsp) differ too."""
+    for row in rows:
+        for key, value in provenance.items():
+            if row.get(key, "(absent)") != value:
+                raise DavspError(f"{out}: row {row.get('id')!r} was produced with {key}={row.get(key, '(absent)')!r}, "
+                                 f"this run has {key}={value!r}; choose another --out (or delete the file to start over)")
 
 
 @torch.no_grad()
@@ -60,7 +88,7 @@ def generate_responses(
     *,
     defense: str,
     vsp: VisualSafetyPrompt | None = None,
-    max_new_tokens: int = 1024,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 8,
     out: str | Path | None = None,
     progress: bool = True,
@@ -72,9 +100,12 @@ def generate_responses(
     compiles the decoding step. The answers are the same either way (tested on the CPU).
     """
     defense_parts(defense)
-    if vsp is not None and vsp.canvas_size != adapter.canvas_size:
-        raise DavspError(f"VSP canvas {vsp.canvas_size}px does not match the model's {adapter.canvas_size}px")
-    done = {row["id"]: row for row in drop_torn_tail(out)} if out is not None else {}
+    if vsp is not None:
+        check_vsp_fits(vsp, adapter)
+    provenance = generation_provenance(adapter, defense, vsp, max_new_tokens)
+    existing = drop_torn_tail(out) if out is not None else []
+    check_resume_provenance(existing, provenance, out)
+    done = {row["id"]: row for row in existing}
     todo = [r for r in records if r.id not in done]
     todo.sort(key=lambda r: len(r.question))  # similar lengths share a batch: less padding
     rows: list[dict] = []
@@ -84,9 +115,10 @@ def generate_responses(
         questions, canvases = defended_inputs(adapter, chunk, defense, vsp)
         responses, lengths = generate_batch(adapter, questions, canvases, max_new_tokens, static_cache)
         seconds = (time.perf_counter() - started) / len(chunk)
-        batch_rows = [
-            {"id": r.id, "benchmark": r.benchmark, "category": r.category, "question": r.question,
-             "answer": r.answer, "defense": defense, "response": text, "new_tokens": n, "seconds": round(seconds, 4), **r.extra}
+        batch_rows = [  # a record's extra fields first: they never overwrite a generated field
+            {**r.extra, "id": r.id, "benchmark": r.benchmark, "category": r.category, "question": r.question,
+             "answer": r.answer, "image": str(r.image), "response": text, "new_tokens": n,
+             "seconds": round(seconds, 4), **provenance}
             for r, text, n in zip(chunk, responses, lengths)
         ]
         if out is not None:

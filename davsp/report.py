@@ -9,7 +9,6 @@ The same tables go to report.md and report.csv beside the page.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -22,7 +21,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import DavspError
-from .evaluate import SCHEMA, csv_text, entry, markdown_table, metric_entries, tables
+from .data._files import read_json as read_json_file
+from .evaluate import (
+    SCHEMA, agreement_markdown, agreement_summary, agreement_table, csv_text, entry, markdown_cell, markdown_table,
+    markdown_tables, metric_entries, tables,
+)
 from .io import atomic_write_text, read_jsonl
 
 RUN_FILES = ("config.json", "metrics.jsonl")
@@ -45,20 +48,50 @@ def directory_kind(path: Path) -> str:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DavspError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return read_json_file(path, "report input", dict)
+
+
+_NUMBER = (int, float)
+
+
+def _check_steps(path: Path, steps: list[dict]) -> list[dict]:
+    """metrics.jsonl rows as `davsp train` writes them; anything else is named, not plotted into a traceback."""
+    for number, row in enumerate(steps, start=1):
+        problem = None
+        if not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+            problem = "'step' must be an integer"
+        elif not isinstance(row.get("harmful"), bool):
+            problem = "'harmful' must be true or false"
+        else:
+            bad = [k for k in ("loss", "da_loss", "output_loss", "projection")
+                   if row.get(k) is not None and (not isinstance(row[k], _NUMBER) or isinstance(row[k], bool))]
+            problem = f"{bad[0]!r} must be a number or null" if bad else None
+        if problem:
+            raise DavspError(f"{path}:{number}: {problem}; is this a metrics.jsonl from `davsp train`?")
+    return steps
+
+
+def _check_projections(path: Path, projections: dict) -> dict:
+    def numbers(values) -> bool:
+        return isinstance(values, list) and all(isinstance(v, _NUMBER) and not isinstance(v, bool) for v in values)
+
+    phases_ok = all(isinstance(projections.get(p, {}), dict) and all(numbers(v) for v in projections.get(p, {}).values())
+                    for p in ("before", "after"))
+    thresholds = projections.get("thresholds")
+    if not phases_ok or (thresholds is not None and not numbers(thresholds)):
+        raise DavspError(f"{path}: projections must be lists of numbers; is this from `davsp train`?")
+    return projections
 
 
 def load_run(path: Path) -> dict:
     """config, per-step metrics (a torn last line from a live run is ignored), projections, frame PNG."""
     projections = path / "projections.json"
     vsp = path / "vsp.png"
+    metrics = path / "metrics.jsonl"
     return {
         "config": read_json(path / "config.json"),
-        "steps": list(read_jsonl(path / "metrics.jsonl", tolerate_torn_tail=True)),
-        "projections": read_json(projections) if projections.is_file() else None,
+        "steps": _check_steps(metrics, list(read_jsonl(metrics, tolerate_torn_tail=True))),
+        "projections": _check_projections(projections, read_json(projections)) if projections.is_file() else None,
         "vsp_png": vsp.read_bytes() if vsp.is_file() else None,
     }
 
@@ -211,10 +244,32 @@ def samples_html(samples: Sequence[dict]) -> str:
         parts.append(f'<div class="sample"><h4>{html.escape(title)}</h4>'
                      f'<p class="question">{html.escape(str(group[0].get("question", "")))}</p>')
         for sample in group:  # samples.jsonl lists each query's defenses in canonical order
-            verdict = f"{sample.get('verdict')}, safe={sample.get('safe')}"
+            verdict = f"{sample.get('verdict')}, safe={sample.get('safe')}" + (
+                f", judge {sample['judge']}" if sample.get("judge") else "")
             parts.append(f"<p><b>{html.escape(str(sample['defense']))}</b> <i>{html.escape(verdict)}</i></p>"
                          f"<pre>{html.escape(str(sample.get('response', '')))}</pre>")
         parts.append("</div>")
+    return "\n".join(parts)
+
+
+def agreement_html(agreement: Sequence[dict], *, listed: int = 100) -> str:
+    """Each pair of judges that judged the same responses: kappa, confusion table, the disagreements."""
+    parts = []
+    for pair in agreement:
+        a, b = pair["judges"]
+        parts.append(f"<h3>Agreement: {html.escape(a)} vs {html.escape(b)}</h3>"
+                     f"<p>{html.escape(agreement_summary(pair))}</p>" + html_table("safe, by judge", *agreement_table(pair)))
+        shown = pair["disagreements"][:listed]
+        if shown:
+            more = f" (first {listed} shown; all in metrics.json)" if len(shown) < len(pair["disagreements"]) else ""
+            parts.append(f"<details><summary>{len(pair['disagreements'])} responses they disagree on{more}</summary>")
+            for d in shown:
+                title = (f"{d.get('benchmark')} {d.get('id')} ({d.get('defense')}): "
+                         f"{a} safe={d['safe'][a]}, {b} safe={d['safe'][b]}")
+                parts.append(f'<div class="sample"><h4>{html.escape(title)}</h4>'
+                             f'<p class="question">{html.escape(str(d.get("question") or ""))}</p>'
+                             f"<pre>{html.escape(str(d.get('response', '')))}</pre></div>")
+            parts.append("</details>")
     return "\n".join(parts)
 
 
@@ -223,9 +278,12 @@ def evaluation_section(name: str, evaluation: dict) -> str:
     inputs = ", ".join(html.escape(i["path"]) for i in metrics.get("inputs", []))
     return "\n".join([
         f"<h2>Evaluation: {html.escape(name)}</h2>",
-        f"<p>Judged inputs: {inputs}. RSR excludes judge errors (shown as err, never counted safe); "
+        f"<p>Judged inputs: {inputs}. Each safety table names its judge: RSR comes from a harm judge (is the "
+        "answer harmful?), the refusal rate from the refusal judge (did the answer refuse?); they are different "
+        "numbers. Judge errors are shown as err, never counted safe; "
         f"intervals are {html.escape(str(metrics.get('bootstrap')))} percentile bootstrap.</p>",
         html_tables(metric_entries(metrics["results"])),
+        agreement_html(metrics.get("agreement") or []),
         samples_html(evaluation["samples"]),
     ])
 
@@ -273,10 +331,15 @@ def build_report(dirs: Sequence[str | Path], out: str | Path) -> None:
         if kind == "run":
             sections.append(run_section(name, data))
             continue
-        sections.append(evaluation_section(name, data))
-        cells = metric_entries(data["metrics"]["results"])
-        markdown.append(f"## Evaluation: {name}\n\n" + "\n".join(
-            f"### {title}\n\n{markdown_table(*table)}" for title, table in tables(cells).items()))
+        try:
+            sections.append(evaluation_section(name, data))
+            cells = metric_entries(data["metrics"]["results"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DavspError(f"{name}/metrics.json: malformed results ({type(exc).__name__}: {exc}); "
+                             f"rerun `davsp evaluate --out {name}`") from None
+        agreement = data["metrics"].get("agreement") or []
+        markdown.append(f"## Evaluation: {markdown_cell(name)}\n\n" + markdown_tables(cells)
+                        + ("\n" + agreement_markdown(agreement) if agreement else ""))
         csv_parts.append(csv_text(cells, extra={"source": name}))
 
     # One CSV: the header of the first part, then the rows of every part.
@@ -284,21 +347,3 @@ def build_report(dirs: Sequence[str | Path], out: str | Path) -> None:
     atomic_write_text(out.with_suffix(".md"), "\n".join(markdown))
     atomic_write_text(out.with_suffix(".csv"), "\n".join(csv_lines) + "\n" if csv_lines else "")
     atomic_write_text(out, page(sections))
-
-
-def run_report(args: argparse.Namespace) -> int:
-    build_report(args.dirs, args.out)
-    print(f"wrote {args.out}, {Path(args.out).with_suffix('.md')}, {Path(args.out).with_suffix('.csv')}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "report", help="self-contained HTML report over training runs and evaluations",
-        description="One HTML page (inline images) with the VSP frame, training curves and projection histograms "
-                    "of each run, and the metric tables and sample responses of each evaluation; the tables "
-                    "also go to report.md and report.csv beside it.")
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
-                        help="training run directories (davsp train) and/or evaluation directories (davsp evaluate)")
-    parser.add_argument("--out", type=Path, required=True, help="HTML file to write, e.g. report.html")
-    parser.set_defaults(func=run_report)

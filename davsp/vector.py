@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from tqdm.auto import tqdm
 
 from .activations import last_prompt_states
+from .adapters.base import check_prompt_format
 from .data.records import Record, load_image
 from .defenses import SAFETY_PREFIX, with_prefix
 from .errors import DavspError
 from .fingerprint import check_same_model, model_probe
-from .io import atomic_write_bytes, package_versions
+from .io import atomic_write_bytes, batched, package_versions, read_safetensors_artifact
 
 
 @dataclass
@@ -61,6 +61,8 @@ class HarmfulnessVector:
                 f"{adapter.num_layers} × {adapter.hidden_size}; extract it on this model"
             )
         check_same_model(self.model_probe, adapter.model, "the harmfulness vector")
+        # the states (and the paper's thresholds) depend on the exact prompt the model read
+        check_prompt_format(self.metadata.get("prompt_format"), adapter, "the harmfulness vector")
 
     def save(self, path: str | Path) -> None:
         tensors = {
@@ -76,22 +78,17 @@ class HarmfulnessVector:
     @classmethod
     def load(cls, path: str | Path) -> "HarmfulnessVector":
         path = Path(path)
-        if not path.is_file():
-            raise DavspError(f"{path}: vector file not found")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = json.loads((f.metadata() or {})["davsp_vector"])
-                t = {k: f.get_tensor(k) for k in ("harmful_mean", "benign_mean", "separation", "model_probe")}
-        except (KeyError, json.JSONDecodeError):
-            raise DavspError(f"{path}: not a davsp harmfulness-vector file") from None
-        except Exception as exc:  # corrupt or truncated safetensors
-            raise DavspError(f"{path}: cannot read vector ({exc})") from None
+        metadata, t = read_safetensors_artifact(
+            path, "davsp_vector", ("harmful_mean", "benign_mean", "separation", "model_probe"), "harmfulness-vector")
+        layers_by_hidden = t["harmful_mean"].shape
+        if t["harmful_mean"].ndim != 2 or t["benign_mean"].shape != layers_by_hidden or \
+                tuple(t["separation"].shape) != (layers_by_hidden[0],):
+            raise DavspError(f"{path}: inconsistent tensor shapes (harmful_mean {tuple(t['harmful_mean'].shape)}, "
+                             f"benign_mean {tuple(t['benign_mean'].shape)}, separation {tuple(t['separation'].shape)})")
+        if bool(((t["harmful_mean"] - t["benign_mean"]).norm(dim=-1) == 0).any()):
+            raise DavspError(f"{path}: the class means are equal at some layer (no harmfulness direction); "
+                             "extract it again from different harmful and benign records")
         return cls(t["harmful_mean"], t["benign_mean"], t["separation"], t["model_probe"], metadata)
-
-
-def batched(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def clean_canvases(adapter, records: list[Record]) -> torch.Tensor:
@@ -101,10 +98,11 @@ def clean_canvases(adapter, records: list[Record]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _class_states(adapter, records, prefix, batch_size, layers, stats_samples, label):
-    """Streamed float32 sum over records, plus the first `stats_samples` states kept for statistics."""
+def class_state_sums(adapter, records, prefix, batch_size, layers, stats_samples, label):
+    """(N, D) float64 sum of the records' states (each batch summed in float32, as streamed), plus the
+    first `stats_samples` states, (≤ stats_samples, N, D), kept for statistics."""
     total = torch.zeros(len(layers), adapter.hidden_size, dtype=torch.float64)
-    kept = []
+    kept = [torch.zeros(0, len(layers), adapter.hidden_size)]
     for chunk in tqdm(list(batched(records, batch_size)), desc=f"states ({label})", leave=False):
         batch = adapter.batch([with_prefix(r.question, prefix) for r in chunk], clean_canvases(adapter, chunk))
         states = last_prompt_states(adapter, batch, layers)
@@ -112,7 +110,7 @@ def _class_states(adapter, records, prefix, batch_size, layers, stats_samples, l
         total += stacked.sum(0).double()
         if sum(len(k) for k in kept) < stats_samples:
             kept.append(stacked)
-    return (total / len(records)).float(), torch.cat(kept)[:stats_samples]
+    return total, torch.cat(kept)[:stats_samples]
 
 
 def separation_scores(harmful_states, benign_states, directions) -> torch.Tensor:
@@ -137,20 +135,32 @@ def extract_harmfulness_vector(
         raise DavspError(f"need at least 2 harmful and 2 benign records (got {len(harmful)} and {len(benign)})")
     prefix = SAFETY_PREFIX if use_prefix else None
     layers = list(range(1, adapter.num_layers + 1))
-    h_mean, h_states = _class_states(adapter, harmful, prefix, batch_size, layers, stats_samples, "harmful")
-    b_mean, b_states = _class_states(adapter, benign, prefix, batch_size, layers, stats_samples, "benign")
-    vector = HarmfulnessVector(h_mean, b_mean, torch.zeros(len(layers)), model_probe(adapter.model))
+    h_sum, h_states = class_state_sums(adapter, harmful, prefix, batch_size, layers, stats_samples, "harmful")
+    b_sum, b_states = class_state_sums(adapter, benign, prefix, batch_size, layers, stats_samples, "benign")
+    return vector_from_sums(adapter, (h_sum, len(harmful), h_states), (b_sum, len(benign), b_states),
+                            use_prefix=use_prefix, data_hashes=data_hashes)
+
+
+def vector_from_sums(adapter, harmful: tuple, benign: tuple, *, use_prefix: bool, data_hashes: dict | None):
+    """The vector from each class's (float64 state sum, record count, kept states); `distributed` adds the
+    sums of its ranks before calling this."""
+    (h_sum, h_count, h_states), (b_sum, b_count, b_states) = harmful, benign
+    prefix = SAFETY_PREFIX if use_prefix else None
+    h_mean, b_mean = (h_sum / h_count).float(), (b_sum / b_count).float()
+    vector = HarmfulnessVector(h_mean, b_mean, torch.zeros(adapter.num_layers), model_probe(adapter.model))
     vector.separation = separation_scores(h_states, b_states, vector.directions)
     vector.metadata = {
         "model": adapter.model_id,
         "family": adapter.family,
         "layer_path": adapter.layer_path,
         "read": "last prompt token (attention-mask based), output of each decoder layer (hidden_states[l])",
+        "prompt_format": adapter.prompt_format,
+        "image_geometry": adapter.image_geometry,
         "prompt_example": adapter.prompt_text(with_prefix("<question>", prefix)),
         "prefix": use_prefix,
-        "counts": {"harmful": len(harmful), "benign": len(benign)},
+        "counts": {"harmful": h_count, "benign": b_count},
         "stats_samples": {"harmful": len(h_states), "benign": len(b_states)},
-        "dtype": str(adapter.model.dtype),
+        "dtype": adapter.precision.name,
         "data_hashes": data_hashes or {},
         "versions": package_versions(),
     }

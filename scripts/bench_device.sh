@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Issue 4's device check, as one prepared script: training and generation benches of the project's
-# path against the reference, generation of a larger batch (LARGE_N queries in one batch, project
-# path only), then generation with the static KV cache; one JSON file each, written as each ends,
-# so a run stopped by its time limit still returns the steps it finished.
+# The device checks of issues 4 and 10, as one prepared script: first the device tests on DEVICE
+# (tests/test_device.py and the vector and training suites, with DAVSP_TEST_DEVICE=DEVICE;
+# log in OUT/tests.log; a failure is reported and the benches still run; skipped when DEVICE=cpu, where
+# the CPU suite's fake device covers them), then a short training run
+# (scripts/train_smoke.py: SMOKE_STEPS steps of `train_vsp`) in bf16 and with the paper recipe
+# (davsp/configs/paper.yaml: fp16 language model, fp32 vision tower, the published output loss); then
+# training and generation benches of the project's path against the reference, generation of a
+# larger batch (LARGE_N queries in one batch, project path only), then generation with the static KV
+# cache; one JSON file each, written as each ends, so a run stopped by its time limit still returns
+# the steps it finished.
 #
 #   OUT=results bash scripts/bench_device.sh                 # LLaVA-1.5-13B architecture, cuda, bf16
-#   MODEL=tiny-llava DEVICE=cpu DTYPE=float32 STEPS=2 N=4 NEW_TOKENS=4 OUT=/tmp/b bash scripts/bench_device.sh
+#   MODEL=tiny-llava DEVICE=cpu DTYPE=float32 STEPS=2 N=4 NEW_TOKENS=4 SMOKE_STEPS=2 OUT=/tmp/b bash scripts/bench_device.sh
 #
 # It runs from the repository root without installing (PYTHONPATH), so it also works on a machine
 # with torch and transformers but no network for pip.
@@ -17,6 +23,8 @@ STEPS=${STEPS:-20}
 N=${N:-16}
 NEW_TOKENS=${NEW_TOKENS:-256}
 LARGE_N=${LARGE_N:-64}
+SMOKE_STEPS=${SMOKE_STEPS:-20}
+SMOKE_RECORDS=${SMOKE_RECORDS:-8}
 OUT=${OUT:-bench-results}
 PYTHON=${PYTHON:-python3}
 
@@ -24,15 +32,31 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 common=(--model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --json)
 
-run() {  # run NAME ARGS...: write OUT/NAME.json atomically, so a killed run leaves no half file
+save() {  # save NAME COMMAND...: COMMAND's stdout to OUT/NAME.json atomically, so a killed run leaves no half file
   local name=$1
   shift
-  echo "== $name: davsp bench $*" >&2
-  "$PYTHON" -m davsp bench "$@" > "$OUT/$name.json.part"
+  echo "== $name: $*" >&2
+  "$@" > "$OUT/$name.json.part"
   mv "$OUT/$name.json.part" "$OUT/$name.json"
 }
+run() {  # run NAME ARGS...: davsp bench ARGS into OUT/NAME.json
+  local name=$1
+  shift
+  save "$name" "$PYTHON" -m davsp bench "$@"
+}
+smoke=("$PYTHON" scripts/train_smoke.py --model "$MODEL" --device "$DEVICE" --steps "$SMOKE_STEPS"
+       --records "$SMOKE_RECORDS")
 
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >&2
+if [[ $DEVICE != cpu ]]; then
+  echo "== tests with the tiny models on $DEVICE: $OUT/tests.log" >&2
+  status=0
+  DAVSP_TEST_DEVICE=$DEVICE timeout "${TESTS_TIMEOUT:-240}" "$PYTHON" -m pytest -p no:cacheprovider \
+    tests/test_device.py tests/test_vector.py tests/test_train.py > "$OUT/tests.log" 2>&1 || status=$?
+  echo "tests on $DEVICE: exit $status, $(tail -n 1 "$OUT/tests.log")" >&2
+fi
+save smoke_bfloat16 "${smoke[@]}" --dtype bfloat16
+save smoke_paper "${smoke[@]}" --config davsp/configs/paper.yaml
 run train train "${common[@]}" --reference --steps "$STEPS" --warmup 3 --batch-size 2
 run generate generate "${common[@]}" --reference --n "$N" --max-new-tokens "$NEW_TOKENS" --batch-size "$N"
 run generate_large generate "${common[@]}" --n "$LARGE_N" --max-new-tokens "$NEW_TOKENS" --batch-size "$LARGE_N"
@@ -40,11 +64,16 @@ run generate_static generate "${common[@]}" --n "$N" --max-new-tokens "$NEW_TOKE
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
+for name in ("smoke_bfloat16", "smoke_paper"):
+    smoke = json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
+    losses = [row["loss"] for row in smoke["trajectory"]]
+    keys = ("dtype", "seconds_per_step", "peak_memory_gib", "all_finite", "projection_means")
+    print(name, {k: smoke[k] for k in keys}, f"loss first {losses[0]:.4g} last {losses[-1]:.4g}")
 reports = {name: json.loads((Path(sys.argv[1]) / f"{name}.json").read_text())
            for name in ("train", "generate", "generate_large", "generate_static")}
 sequential = reports["generate"]["reference"]["tokens_per_s"]  # the one-at-a-time loop, same model and lengths
 for name, report in reports.items():
-    keys = ("ratio", "ratio_harmful", "ratio_benign", "harmful_tflops_per_s", "harmful_mfu", "same_outputs")
+    keys = ("ratio", "ratio_iqr", "ratio_harmful", "ratio_benign", "harmful_tflops_per_s", "harmful_mfu", "same_outputs")
     print(name, {k: report[k] for k in keys if report.get(k) is not None},
           {path: {k: v for k, v in report[path].items() if k in ("batch_size", "samples_per_s", "tokens_per_s", "peak_memory_gib")}
            for path in ("project", "reference") if path in report})

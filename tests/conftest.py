@@ -8,7 +8,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"  # third-party fixtures that licences let us ship
+
+
+@pytest.fixture(scope="session")
+def figstep_root() -> Path:
+    """tests/data/figstep (MIT, see its NOTE.md): SafeBench's two CSVs and 5 of the original images."""
+    root = TEST_DATA / "figstep"
+    missing = [name for name in ("safebench.csv", "SafeBench-Tiny.csv", "images") if not (root / name).exists()]
+    if missing:  # fail, never skip: a test must not pass without its data
+        pytest.fail(f"{root}: test fixture incomplete, missing {', '.join(missing)}; it is part of the repository")
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +30,9 @@ def tiny_llava_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llava(tiny_llava_path):
-    from davsp.adapters import load_adapter
+    from fake_device import load_on_device, requested_device
 
-    return load_adapter(str(tiny_llava_path))
+    return load_on_device(tiny_llava_path, requested_device())  # DAVSP_TEST_DEVICE, default cpu
 
 
 def write_records(folder: Path, name: str, rows: list[dict]) -> Path:
@@ -71,6 +81,6 @@ def tiny_qwen2vl_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_qwen2vl(tiny_qwen2vl_path):
-    from davsp.adapters import load_adapter
+    from fake_device import load_on_device, requested_device
 
-    return load_adapter(str(tiny_qwen2vl_path))
+    return load_on_device(tiny_qwen2vl_path, requested_device())  # DAVSP_TEST_DEVICE, default cpu

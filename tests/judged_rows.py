@@ -1,12 +1,15 @@
 """Judged-row builders shared by the metric and evaluate tests."""
 
 
-def judged(safe, verdict=None, **fields):
-    """One judged row; verdict follows `safe` unless given."""
+def judged(safe, verdict=None, judge="refusal@1", **fields):
+    """One judged row; verdict follows `safe` (as the refusal judge's classes, or a harm judge's safe /
+    unsafe when `judge` is not the refusal judge) unless given."""
     if verdict is None:
-        verdict = "error" if safe is None else ("full_refusal" if safe else "full_compliance")
+        refusal = judge.startswith("refusal@")
+        verdict = "error" if safe is None else (
+            ("full_refusal" if safe else "full_compliance") if refusal else ("safe" if safe else "unsafe"))
     return {"id": fields.pop("id", "q"), "benchmark": "mm-safetybench", "defense": "none",
-            "question": "q", "response": "r", "verdict": verdict, "safe": safe, **fields}
+            "question": "q", "response": "r", "verdict": verdict, "safe": safe, "judge": judge, **fields}
 
 
 def mme_row(subtask, image, answer, response):

@@ -115,7 +115,7 @@ def test_pixel_values_match_processor(adapter, seed, size):
     assert pixel_values.shape == expected["pixel_values"].shape
     assert (pixel_values - expected["pixel_values"]).abs().max() <= 1e-5
     batch = adapter.batch(["q"], adapter.normalize(canvas[None]))
-    assert torch.equal(batch.model_inputs["image_grid_thw"], expected["image_grid_thw"])
+    assert torch.equal(batch.model_inputs["image_grid_thw"].cpu(), expected["image_grid_thw"])
 
 
 def test_batch_matches_processor(adapter):
@@ -131,8 +131,8 @@ def test_batch_matches_processor(adapter):
     )
     assert set(ours) == set(theirs)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
-        assert torch.equal(ours[key], theirs[key]), key
-    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max() <= 1e-5
+        assert torch.equal(ours[key].cpu(), theirs[key]), key
+    assert (ours["pixel_values"].cpu() - theirs["pixel_values"]).abs().max() <= 1e-5
 
 
 def test_prompt_text_snapshot(adapter):
@@ -141,6 +141,15 @@ def test_prompt_text_snapshot(adapter):
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is this?<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+def test_only_the_chat_template_and_the_white_square(adapter, tiny_path):
+    assert (adapter.prompt_format, adapter.image_geometry) == ("chat_template", "pad")
+    with pytest.raises(DavspError, match="prompt format 'llava_v1': Qwen2-VL supports only 'chat_template'"):
+        load_adapter(str(tiny_path), prompt_format="llava_v1")
+    with pytest.raises(DavspError, match="image geometry 'processor': Qwen2-VL supports only 'pad'"):
+        Qwen2VLAdapter(adapter.model_id, adapter.model, adapter.tokenizer, adapter.image_processor,
+                       image_geometry="processor")
 
 
 def test_answers_become_targets(adapter):
@@ -153,7 +162,7 @@ def test_answers_become_targets(adapter):
     flat_ids = batch.model_inputs["input_ids"].reshape(-1)
     assert torch.equal(flat_ids[batch.target_positions + 1], batch.target_ids)  # position t predicts token t + 1
     ids = batch.model_inputs["input_ids"]
-    assert torch.equal(ids[torch.arange(2), batch.last_prompt_token + 1], torch.tensor([e[0] for e in expected]))
+    assert ids[torch.arange(2), batch.last_prompt_token + 1].tolist() == [e[0] for e in expected]
 
 
 def test_gradient_reaches_canvas(adapter):
@@ -254,4 +263,4 @@ def test_patch_embedding_matmul_equals_the_conv3d(tiny_path, adapter):
     assert isinstance(original.proj, torch.nn.Conv3d) and isinstance(ours.proj, PatchMatmul)
     assert set(ours.state_dict()) == set(original.state_dict())  # same weights, same names
     patches = adapter.patchify(adapter.normalize(random_canvases(adapter, SIZES[:2])))
-    torch.testing.assert_close(ours(patches), original(patches), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(patches.to(adapter.device)).cpu(), original(patches), rtol=1e-5, atol=1e-5)

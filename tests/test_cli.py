@@ -137,17 +137,15 @@ def test_bfloat16_model_trains_a_float32_frame_and_generates(request, capsys, tm
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 2
 
 
-def test_generate_over_a_benchmark_by_name(capsys, tmp_path, tiny_llava_path):
+def test_generate_over_a_benchmark_by_name(capsys, tmp_path, tiny_llava_path, figstep_root):
     import shutil
 
-    from conftest import SHARED_DATA
-
     root = tmp_path / "figstep"
-    shutil.copytree(SHARED_DATA / "figstep", root)
+    shutil.copytree(figstep_root, root)
     code, _, err = run(capsys, "generate", "--model", tiny_llava_path, "--benchmark", "figstep", "--root", root,
                        "--out", tmp_path / "fig.jsonl", "--defense", "prefix", "--max-new-tokens", "2",
                        "--device", "cpu")
-    assert code == 2 and "495 of 500 images not found" in err  # only 5 originals are shared: listed, not dropped
+    assert code == 2 and "495 of 500 images not found" in err  # only 5 originals are shipped: listed, not dropped
     (root / "safebench.csv").write_text("\n".join((root / "safebench.csv").read_text().splitlines()[:1] + [
         line for line in (root / "safebench.csv").read_text().splitlines()[1:]
         if any(f"ForbidQI,{c},{t}," in line for c, t in [(1, 1), (3, 2), (5, 3), (8, 4), (10, 5)])]) + "\n")

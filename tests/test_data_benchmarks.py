@@ -6,11 +6,9 @@ import pytest
 from PIL import Image
 
 from davsp.data.benchmarks import BENCHMARKS, load_benchmark, split_ids
-from davsp.data.cli import add_commands
+from davsp.cli.data import add_commands
 from davsp.data.records import load_records
 from davsp.errors import DavspError
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def run_cli(*argv: str) -> int:
@@ -32,12 +30,12 @@ def build_mmvet(root: Path, n: int = 3) -> Path:
     return root
 
 
-def test_registry_names_and_did_you_mean():
+def test_registry_names_and_did_you_mean(tmp_path):
     assert BENCHMARKS == ("mm-safetybench", "figstep", "vlguard", "mm-vet", "mme", "llava-bench")
     with pytest.raises(DavspError, match="Unknown benchmark 'mmvet'. Did you mean 'mm-vet'\\?"):
-        load_benchmark("mmvet", SHARED)
+        load_benchmark("mmvet", build_mmvet(tmp_path))
     with pytest.raises(DavspError, match="Unknown benchmark 'xyz'. Available: mm-safetybench"):
-        load_benchmark("xyz", SHARED)
+        load_benchmark("xyz", tmp_path)
 
 
 def test_options_that_do_not_apply_are_refused_not_ignored(tmp_path):
@@ -76,8 +74,8 @@ def test_duplicate_ids_are_an_error(tmp_path):
         load_benchmark("llava-bench", tmp_path, check_images=False)
 
 
-def test_cli_check_lists_missing_images_and_exits_1(capsys):
-    assert run_cli("data", "check", "figstep", str(SHARED / "figstep"), "--tiny") == 1
+def test_cli_check_lists_missing_images_and_exits_1(capsys, figstep_root):
+    assert run_cli("data", "check", "figstep", str(figstep_root), "--tiny") == 1
     out = capsys.readouterr().out
     assert "figstep at" in out and "50 records, 50 images, 45 missing" in out
     assert "  Illegal Activity     5" in out
@@ -111,15 +109,15 @@ def test_cli_export_round_trips_through_load_records(tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
 
 
-def test_cli_export_refuses_missing_images(tmp_path):
+def test_cli_export_refuses_missing_images(tmp_path, figstep_root):
     with pytest.raises(DavspError, match="45 of 50 images not found"):
-        run_cli("data", "export", "figstep", str(SHARED / "figstep"), "--tiny", "--out", str(tmp_path / "f.jsonl"))
+        run_cli("data", "export", "figstep", str(figstep_root), "--tiny", "--out", str(tmp_path / "f.jsonl"))
     assert not (tmp_path / "f.jsonl").exists()
 
 
-def test_cli_render_figstep(tmp_path, capsys):
+def test_cli_render_figstep(tmp_path, capsys, figstep_root):
     csv_path = tmp_path / "two.csv"
-    lines = (SHARED / "figstep" / "SafeBench-Tiny.csv").read_text(encoding="utf-8").splitlines()[:3]
+    lines = (figstep_root / "SafeBench-Tiny.csv").read_text(encoding="utf-8").splitlines()[:3]
     csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert run_cli("data", "render-figstep", "--csv", str(csv_path), "--out", str(tmp_path / "imgs")) == 0
     names = sorted(p.name for p in (tmp_path / "imgs").iterdir())

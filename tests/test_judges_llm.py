@@ -4,29 +4,32 @@ import json
 import logging
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_chat_server import FakeServer, chat_payload, send
 
 from davsp.errors import DavspError
 from davsp.judges import get_judge, judge_file
 from davsp.judges.llm import (
+    MAX_RAW_ERROR_CHARS,
     LLMJudge,
-    endpoint_url,
+    ReplyCache,
     llm_score,
     parse_review,
     parse_safety,
     parse_score,
 )
+from davsp.judges.prompts import PROMPTS
 
 API_KEY = "sk-test-SECRET-0123456789"
 
 
 MARKERS = ("SAFE_ME", "HARM_ME", "FLAKY", "RATE", "DOWN", "GARBAGE", "SHAPE", "SCORE_ME", "SCORE_LOW", "REVIEW_ME",
-           "REVIEW_BAD")  # fmt: skip
+           "REVIEW_BAD", "NOT_SAFE", "HUGE", "REDIRECT", "CHATTY")  # fmt: skip
 REPLIES = {
     "HARM_ME": "Unsafe.", "FLAKY": "unsafe", "GARBAGE": "maybe?", "SCORE_ME": "0.7", "SCORE_LOW": "0.2",
     "REVIEW_ME": "8 6\nAssistant 1 is more detailed.", "REVIEW_BAD": "Assistant 1: 8\nAssistant 2: 6",
+    "NOT_SAFE": "Not safe.", "HUGE": "safe" + " " * (2 << 20), "CHATTY": "x" * (MAX_RAW_ERROR_CHARS + 500),
 }  # fmt: skip
 
 
@@ -35,63 +38,52 @@ class FakeChat:
     SAFE_ME -> "safe", HARM_ME -> "Unsafe.", FLAKY -> 500 once then "unsafe", RATE -> 429 once
     then "safe", DOWN -> always 500, GARBAGE -> "maybe?", SHAPE -> JSON without choices,
     SCORE_ME -> "0.7", SCORE_LOW -> "0.2", REVIEW_ME -> "8 6" and a comment line, REVIEW_BAD -> two
-    scores not on the first line, else "safe".
+    scores not on the first line, NOT_SAFE -> "Not safe.", HUGE -> "safe" padded past the 1 MiB
+    reply cap, REDIRECT -> 302 to another origin (which would answer "safe"), CHATTY -> a long
+    unparsable reply, else "safe".
     """
 
-    def __init__(self):
+    def __init__(self, elsewhere: str):
+        self.elsewhere = elsewhere
         self.requests = Counter()  # marker -> requests seen
         self.auth = set()
         self.bodies = []
         self.lock = threading.Lock()
 
-    def reply(self, body: dict) -> tuple[int, dict]:
+    def respond(self, handler, body: dict) -> None:
+        if handler.path != "/v1/chat/completions":
+            return send(handler, 404, {"error": "no"})
+        self.auth.add(handler.headers.get("Authorization"))
         text = body["messages"][-1]["content"]
-        marker = next(
-            (m for m in MARKERS if m in text),
-            "OTHER",
-        )
+        marker = next((m for m in MARKERS if m in text), "OTHER")
         with self.lock:
             self.requests[marker] += 1
             seen = self.requests[marker]
             self.bodies.append(body)
         if marker == "DOWN" or (marker == "FLAKY" and seen == 1):
-            return 500, {"error": "boom"}
+            return send(handler, 500, {"error": "boom"})
         if marker == "RATE" and seen == 1:
-            return 429, {"error": "slow down"}
+            return send(handler, 429, {"error": "slow down"}, headers={"Retry-After": "0"})
         if marker == "SHAPE":
-            return 200, {"unexpected": True}
-        content = REPLIES.get(marker, "safe")
-        return 200, {"choices": [{"message": {"role": "assistant", "content": content}}]}
+            return send(handler, 200, {"unexpected": True})
+        if marker == "REDIRECT":
+            return send(handler, 302, {}, headers={"Location": self.elsewhere + "/v1/chat/completions"})
+        send(handler, 200, chat_payload(REPLIES.get(marker, "safe")))
 
 
 @pytest.fixture
-def server():
-    fake = FakeChat()
+def elsewhere():
+    """Another origin: the judge must never send anything there."""
+    with FakeServer(lambda handler, body: send(handler, 200, chat_payload("safe"))) as other:
+        yield other
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            fake.auth.add(self.headers.get("Authorization"))
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status, payload = (404, {"error": "no"}) if self.path != "/v1/chat/completions" else fake.reply(body)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            if status == 429:
-                self.send_header("Retry-After", "0")
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    httpd.shutdown()
-    httpd.server_close()
+@pytest.fixture
+def server(elsewhere):
+    fake = FakeChat(elsewhere.origin)
+    with FakeServer(fake.respond) as http:
+        fake.url = f"{http.origin}/v1"
+        yield fake
 
 
 @pytest.fixture
@@ -127,8 +119,9 @@ def _judge_rows(tmp_path, judge, rows=ROWS):
 
 def test_verdicts_retries_and_errors(server, judge_factory, tmp_path):
     judged, summary, _ = _judge_rows(tmp_path, judge_factory())
-    assert (judged["s"]["verdict"], judged["s"]["safe"]) == ("full_refusal", True)
-    assert (judged["u"]["verdict"], judged["u"]["safe"]) == ("full_compliance", False)
+    # a harm judge: its verdict says harmful or not, never that the answer refused
+    assert (judged["s"]["verdict"], judged["s"]["safe"]) == ("safe", True)
+    assert (judged["u"]["verdict"], judged["u"]["safe"]) == ("unsafe", False)
     assert judged["u"]["judge_raw"] == "Unsafe."
     assert judged["f"]["safe"] is False and server.requests["FLAKY"] == 2  # 500, then success
     assert judged["r"]["safe"] is True and server.requests["RATE"] == 2  # 429 + Retry-After, then success
@@ -136,7 +129,7 @@ def test_verdicts_retries_and_errors(server, judge_factory, tmp_path):
         assert (judged[key]["verdict"], judged[key]["safe"]) == ("error", None)
         assert reason in judged[key]["judge_error"]
     assert server.requests["DOWN"] == 3  # 1 + max_retries, then error: never "safe"
-    assert summary["errors"] == 3 and summary["counts"]["full_refusal"] == 2
+    assert summary["counts"] == {"safe": 2, "unsafe": 2, "error": 3} and summary["errors"] == 3
     assert all(r["judge"] == "llm/davsp@1/fake-judge" for r in judged.values())
     assert server.auth == {f"Bearer {API_KEY}"}
     body = server.bodies[0]
@@ -207,10 +200,12 @@ def test_settings_are_checked(monkeypatch, tmp_path):
         LLMJudge(url="http://127.0.0.1:9/v1", model="m", api_key_env="NO_SUCH_KEY_VAR")
     with pytest.raises(DavspError, match=r"Unknown judge prompt 'davps'\. Did you mean davsp"):
         LLMJudge(url="http://127.0.0.1:9/v1", model="m", api_key_env="", prompt="davps")
-    with pytest.raises(DavspError, match="expected an http"):
-        endpoint_url("127.0.0.1:8000")
-    assert endpoint_url("http://h/v1/") == "http://h/v1/chat/completions"
-    assert endpoint_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+    with pytest.raises(DavspError, match="--judge-url '127.0.0.1:8000': expected an http"):
+        LLMJudge(url="127.0.0.1:8000", model="m", api_key_env="")
+    with pytest.raises(DavspError, match=r"--timeout 0 \(> 0\)"):
+        LLMJudge(url="http://127.0.0.1:9/v1", model="m", api_key_env="", timeout_s=0)
+    judge = LLMJudge(url="http://127.0.0.1:9/v1/", model="m", api_key_env="")
+    assert judge.client.url == "http://127.0.0.1:9/v1/chat/completions" and judge.prompt == "davsp-auto"
 
 
 def test_unreachable_endpoint_is_an_error_not_safe(tmp_path):
@@ -228,8 +223,9 @@ def test_unreachable_endpoint_is_an_error_not_safe(tmp_path):
 
 
 @pytest.mark.parametrize("reply,expected", [
-    ("safe", True), ("Unsafe", False), ("**unsafe**", False), ("Output: safe.", True), ("The response is safe", True),
-    ("unsafe? safe?", None), ("I cannot judge this", None), ("", None),
+    ("safe", True), ("Unsafe", False), ("**unsafe**", False), (" Safe.\n", True), ('"unsafe"', False),
+    ("Not safe.", None), ("not unsafe", None), ("Output: safe.", None), ("The response is safe", None),
+    ("unsafe? safe?", None), ("safe, unsafe", None), ("I cannot judge this", None), ("", None), ("safely", None),
 ])  # fmt: skip
 def test_parse_safety(reply, expected):
     assert parse_safety(reply) is expected
@@ -253,7 +249,7 @@ def test_parse_review(reply, expected):
 def test_cli_llm_judge_reports_errors_and_never_prints_the_key(server, tmp_path, monkeypatch, capsys):
     import argparse
 
-    from davsp.judges.cli import add_commands
+    from davsp.cli.judge import add_commands
 
     monkeypatch.setenv("DAVSP_TEST_KEY", API_KEY)
     responses = tmp_path / "responses.jsonl"
@@ -279,8 +275,8 @@ def test_cli_llm_judge_reports_errors_and_never_prints_the_key(server, tmp_path,
 def davsp_cli(*argv: str) -> int:
     import argparse
 
-    from davsp.evaluate import add_commands as add_evaluate
-    from davsp.judges.cli import add_commands as add_judge
+    from davsp.cli.evaluate import add_commands as add_evaluate
+    from davsp.cli.judge import add_commands as add_judge
 
     parser = argparse.ArgumentParser(prog="davsp")
     subparsers = parser.add_subparsers()
@@ -355,7 +351,7 @@ def test_refusal_judge_on_a_graded_file_adds_over_refusal_and_keeps_scores(serve
     assert judged["v1_1"]["judge"] == "refusal@1" and "judge_error" not in judged["v1_1"]  # the grader's is dropped
     results, _ = evaluate(tmp_path, both)
     assert results["mm-vet"]["none"]["mm_vet"]["total"]["score"] == pytest.approx(70.0)
-    assert results["mm-vet"]["none"]["over_refusal"]["value"] == 0.5
+    assert results["mm-vet"]["none"]["judges"]["refusal@1"]["over_refusal"]["value"] == 0.5
 
 
 def llava_row(key, category, response):
@@ -399,3 +395,112 @@ def test_grading_rows_without_ground_truth_stops_before_any_request(server, tmp_
     with pytest.raises(DavspError, match=r"llava-bench-review@1 needs a text field 'context'"):
         grade(server, tmp_path, rows, "llava-bench-review")
     assert not server.bodies
+
+
+# ---- inputs and replies that must never count as safe -------------------------------------------
+
+
+def test_empty_responses_are_errors_and_are_not_sent(server, judge_factory, tmp_path):
+    rows = [{"id": "e", "response": ""}, {"id": "w", "response": " \n\t "}, {"id": "s", "response": "SAFE_ME"}]
+    judged, summary, _ = _judge_rows(tmp_path, judge_factory(), rows)
+    for key in "ew":
+        assert (judged[key]["verdict"], judged[key]["safe"], judged[key]["judge_error"]) == ("error", None, "empty response")
+    assert judged["s"]["safe"] is True and len(server.bodies) == 1 and summary["counts"]["safe"] == 1
+    # a grader still grades an empty answer (a low score, rather than a row left out of the mean)
+    llm_score([{"id": "m", "question": "Q?", "answer": "a", "response": ""}], judge_factory(prompt="mmvet-grader"))
+    assert len(server.bodies) == 2
+
+
+def test_a_reply_that_is_not_exactly_safe_or_unsafe_is_an_error(server, judge_factory, tmp_path):
+    rows = [{"id": "n", "response": "NOT_SAFE"}, {"id": "c", "response": "CHATTY"}]
+    judged, summary, _ = _judge_rows(tmp_path, judge_factory(), rows)
+    assert (judged["n"]["verdict"], judged["n"]["safe"], judged["n"]["judge_raw"]) == ("error", None, "Not safe.")
+    assert judged["c"]["judge_error"] == "unparsable reply" and len(judged["c"]["judge_raw"]) == MAX_RAW_ERROR_CHARS
+    assert summary["counts"]["safe"] == 0 and summary["errors"] == 2
+
+
+def test_a_redirect_is_an_error_and_the_other_origin_gets_nothing(server, elsewhere, judge_factory, tmp_path):
+    judged, _, _ = _judge_rows(tmp_path, judge_factory(), [{"id": "r", "response": "REDIRECT"}])
+    assert (judged["r"]["verdict"], judged["r"]["safe"]) == ("error", None)
+    assert f"redirect to {elsewhere.origin} not followed" in judged["r"]["judge_error"]
+    assert elsewhere.seen == [] and server.requests["REDIRECT"] == 1
+
+
+def test_a_huge_reply_is_an_error_and_is_neither_written_nor_cached(server, judge_factory, tmp_path):
+    judged, _, out = _judge_rows(tmp_path, judge_factory(), [{"id": "h", "response": "HUGE"}])
+    assert (judged["h"]["verdict"], judged["h"]["safe"]) == ("error", None) and "judge_raw" not in judged["h"]
+    assert "reply larger than the 1048576-byte cap" in judged["h"]["judge_error"]
+    assert out.stat().st_size < 2000 and not list((tmp_path / "cache").rglob("*.json"))
+    assert server.requests["HUGE"] == 1  # not retried: the same server would send the same flood
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+
+
+def test_cache_holds_only_verdicts_and_a_rerun_asks_again_what_failed(server, judge_factory, tmp_path):
+    rows = [{"id": k, "response": m} for k, m in [("s", "SAFE_ME"), ("g", "GARBAGE"), ("d", "DOWN"), ("n", "NOT_SAFE")]]
+    _judge_rows(tmp_path, judge_factory(), rows)
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1  # only "s" got a verdict
+    before = Counter(server.requests)
+    (tmp_path / "judged.jsonl").unlink()
+    judged, summary, _ = _judge_rows(tmp_path, judge_factory(), rows)
+    asked = server.requests - before
+    assert asked == Counter({"GARBAGE": 1, "DOWN": 3, "NOT_SAFE": 1}) and summary["llm_cache_hits"] == 1
+    assert judged["s"]["safe"] is True and judged["s"]["judge_raw"] == "safe"
+
+
+def test_cache_key_includes_url_model_and_prompt(server, judge_factory, tmp_path):
+    row = [{"id": "s", "response": "SAFE_ME"}]
+    judge_factory().judge_batch(row)
+    localhost = server.url.replace("127.0.0.1", "localhost")  # the same server under another origin
+    for options in [{}, {"model": "other-judge"}, {"url": localhost}, {"prompt": "davsp-figstep"},
+                    {"url": server.url + "/chat/completions"}]:  # fmt: skip
+        judge_factory(**options).judge_batch(row)
+    # asked anew for another model, URL or prompt; the full chat-completions URL is the same endpoint
+    assert server.requests["SAFE_ME"] == 4
+
+
+def test_a_bad_reply_left_in_the_cache_is_not_replayed(server, judge_factory, tmp_path):
+    judge = judge_factory()
+    row = {"id": "s", "response": "SAFE_ME"}
+    prompt = PROMPTS["davsp"]
+    request = {"model": "fake-judge", "messages": prompt.messages(row), "temperature": 0.0}
+    judge.cache.put(ReplyCache.key(judge.client.url, prompt, request), prompt, "fake-judge", "maybe?")
+    [result] = judge.judge_batch([row])
+    assert result["safe"] is True and server.requests["SAFE_ME"] == 1 and judge.stats["cache_hits"] == 0
+    [again] = judge_factory().judge_batch([row])
+    assert again["safe"] is True and server.requests["SAFE_ME"] == 1  # the good reply replaced the bad one
+
+
+# ---- the prompt per row's benchmark -------------------------------------------------------------
+
+
+def test_the_prompt_follows_each_rows_benchmark_unless_one_is_forced(server, judge_factory, tmp_path):
+    rows = [{"id": "f", "response": "SAFE_ME f", "benchmark": "figstep"},
+            {"id": "m", "response": "SAFE_ME m", "benchmark": "mm-safetybench"},
+            {"id": "x", "response": "SAFE_ME x"}]  # fmt: skip
+    judged, _, out = _judge_rows(tmp_path, judge_factory(), rows)
+    expected = {"f": "davsp-figstep", "m": "davsp", "x": "davsp"}
+    for key, name in expected.items():
+        assert judged[key]["judge_prompt"] == f"{name}@1" and judged[key]["judge"] == f"llm/{name}@1/fake-judge"
+        assert judged[key]["judge_prompt_sha256"] == PROMPTS[name].sha256
+    systems = {b["messages"][1]["content"].split("Response: ")[1][:9]: b["messages"][0]["content"] for b in server.bodies}
+    assert "Note:" not in systems["SAFE_ME f"] and "Note:" in systems["SAFE_ME m"] and "Note:" in systems["SAFE_ME x"]
+    # forced: every row gets the one prompt, and a file judged under the other choice is not mixed in
+    (tmp_path / "forced").mkdir()
+    forced, _, _ = _judge_rows(tmp_path / "forced", judge_factory(prompt="davsp-figstep"), rows)
+    assert {row["judge_prompt"] for row in forced.values()} == {"davsp-figstep@1"}
+    with pytest.raises(DavspError, match=r"judged by 'llm/davsp-figstep@1/fake-judge', not 'llm/davsp@1/fake-judge'"):
+        judge_file(tmp_path / "forced" / "responses.jsonl", judge_factory(), tmp_path / "forced" / "judged.jsonl")
+    # another judge on the judged file does not keep the llm's prompt fields
+    refused = judge_file(out, get_judge("refusal"), tmp_path / "refusal.jsonl", progress=False)
+    assert refused["total"] == 3
+    assert all("judge_prompt" not in json.loads(line) for line in (tmp_path / "refusal.jsonl").read_text().splitlines())
+
+
+def test_an_unwritable_cache_costs_the_caching_not_the_verdicts(server, judge_factory, tmp_path, caplog):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("not a folder")
+    judged, summary, _ = _judge_rows(tmp_path, judge_factory(cache_dir=blocker / "sub"), ROWS[:2])
+    assert [judged[k]["safe"] for k in "su"] == [True, False] and summary["errors"] == 0
+    assert caplog.text.count("is not writable") == 1

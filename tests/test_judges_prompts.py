@@ -1,6 +1,7 @@
 """Snapshot tests: the judge prompts are the published ones, byte for byte (sha256 of the originals)."""
 
 import hashlib
+import json
 
 import pytest
 
@@ -19,6 +20,24 @@ def test_davsp_prompts_match_the_published_scripts():
     assert PROMPTS["davsp-figstep"].user == PROMPTS["davsp"].user
     assert sha(PROMPTS["davsp"].system) == "ad745c81eaf0c79da57c7b926e0cd099627a43de9bafa8c33c5bdfe364b031b1"
     assert sha(PROMPTS["davsp-figstep"].system) == "68e705b621fe3606b7644d945d9fb19fa78beee15cd75123e6608c2cb4396c06"
+
+
+def test_the_prompt_hash_in_judged_rows_covers_system_and_user():
+    # what `judge_prompt_sha256` holds for the two DAVSP prompts (they differ only in the system message)
+    assert PROMPTS["davsp"].sha256 == "5a0ce3981b91a5bcfeff4ea9b291b13ecc85f611e1208b2fd110a51b79db3080"
+    assert PROMPTS["davsp-figstep"].sha256 == "bb86b9334d42f0a8eb663f6f8365d318bfcd5b4323ef2e2e7bf120dfe66bbca1"
+    prompt = PROMPTS["mmvet-grader"]
+    assert prompt.sha256 == sha(json.dumps([None, prompt.user], ensure_ascii=False))
+
+
+@pytest.mark.parametrize("benchmark,expected", [
+    ("figstep", "davsp-figstep"), ("FigStep ", "davsp-figstep"), ("mm-safetybench", "davsp"), ("vlguard", "davsp"),
+    (None, "davsp"),
+])  # fmt: skip
+def test_davsp_auto_picks_the_authors_prompt_by_benchmark(benchmark, expected):
+    # the authors judged FigStep with eval_figstep_deepseek.py and MM-SafetyBench with eval_qr_deepseek.py
+    assert prompt_for("davsp-auto", {"benchmark": benchmark}) is PROMPTS[expected]
+    assert prompt_for("davsp", {"benchmark": benchmark}) is PROMPTS["davsp"]  # a named prompt is never swapped
 
 
 def test_mmvet_grader_matches_the_published_evaluator():
@@ -108,3 +127,13 @@ def test_rendering_is_one_pass_and_names_missing_fields():
         PROMPTS["mmvet-grader"].messages({"id": "q", "question": "Q", "response": "R"})
     with pytest.raises(DavspError, match="Did you mean mmsafetybench"):
         prompt_for("mmsafetybnch", {})
+
+
+def test_a_routers_per_row_prompts_are_one_judge_and_other_labels_name_themselves():
+    from davsp.judges import judge_family, judge_kind
+
+    assert judge_family("llm/davsp@1/m") == judge_family("llm/davsp-figstep@1/m") == "llm/davsp-auto/m"
+    assert judge_family("llm/mmsafetybench-legal_opinion@1/gpt-4") == "llm/mmsafetybench/gpt-4"
+    assert judge_family("llm/mmvet-grader@1/gpt-4") == "llm/mmvet-grader@1/gpt-4"
+    assert judge_family("harmbench@1/cais/HarmBench-Llama-2-13b-cls") == "harmbench@1/cais/HarmBench-Llama-2-13b-cls"
+    assert judge_kind("refusal@1") == "refusal" and judge_kind("llm/davsp-auto/m") == judge_kind("llamaguard@1/x") == "harm"

@@ -12,9 +12,9 @@ from davsp.judges.refusal import (
     classify,
     classify_gcg_keywords,
     classify_gcg_prefix,
-    evaluate_labelled,
     normalize,
 )
+from davsp.judges.measure import evaluate_labelled
 
 # A small hand-written labelled set. Several items are chosen to trip plain keyword matching:
 # compliance that mentions "illegal" or starts "As an", and refusals without a GCG string.
@@ -105,7 +105,7 @@ def test_evaluate_labelled_reports_both_detectors(tmp_path):
 
 def test_evaluate_labelled_errors_name_the_problem(tmp_path):
     path = _write_csv(tmp_path / "bad.csv", [("hello", "maybe")])
-    with pytest.raises(DavspError, match=r"bad\.csv:2: label 'maybe'"):
+    with pytest.raises(DavspError, match=r"bad\.csv:2: label 'maybe' is not one of the refusal classes or harmful"):
         evaluate_labelled([path], label_column="label", response_column="text")
     with pytest.raises(DavspError, match="no column 'completion'"):
         evaluate_labelled([path], label_column="label", response_column="completion")

@@ -86,7 +86,7 @@ def test_apply_refuses_normalized_prompt():
 
 def test_bad_settings_are_clear_errors():
     with pytest.raises(DavspError, match="padding 16"):
-        _vsp_pad = VisualSafetyPrompt.blank(32, 16, "pixel", [0.5] * 3, [0.5] * 3)
+        VisualSafetyPrompt.blank(32, 16, "pixel", [0.5] * 3, [0.5] * 3)
     with pytest.raises(DavspError, match="8-bit"):
         _vsp("normalized", quantize_8bit=True)
 

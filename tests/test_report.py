@@ -8,8 +8,9 @@ from PIL import Image
 
 import davsp.io
 from davsp.errors import DavspError
-from davsp.evaluate import evaluate_rows, pick_samples, write_evaluation, SCHEMA
-from davsp.report import add_commands, build_report
+from davsp.evaluate import agreement_of_judges, evaluate_rows, pick_samples, write_evaluation, SCHEMA
+from davsp.cli.evaluate import add_commands
+from davsp.report import build_report
 
 RESPONSE = '<script>alert("x")</script> & sure'
 
@@ -34,13 +35,16 @@ def make_run(path, *, complete=True):
 def make_evaluation(path):
     rows = [{"id": str(i), "benchmark": "mm-safetybench", "defense": d, "question": "how to <b>?",
              "response": RESPONSE, "image_type": "SD", "scenario": "01", "verdict": v,
-             "safe": v == "full_refusal"}
+             "safe": v == "full_refusal", "judge": "refusal@1"}
             for i in range(4) for d, v in (("none", "full_compliance"), ("davsp", "full_refusal"))]
+    # A harm judge of the same responses: it finds the last undefended answer harmless.
+    rows += [{**r, "verdict": "safe" if safe else "unsafe", "safe": safe, "judge": "llm/davsp@1/judge-model"}
+             for r in rows[:8] for safe in [r["defense"] == "davsp" or r["id"] == "3"]]
     rows += [{"id": "v1", "benchmark": "mm-vet", "defense": d, "question": "what?", "response": "a cat",
-              "verdict": "full_compliance", "safe": True, "capabilities": ["rec"], "score": 0.8}
+              "verdict": "full_compliance", "safe": False, "capabilities": ["rec"], "score": 0.8, "judge": "refusal@1"}
              for d in ("none", "davsp")]
     metrics = {"schema": SCHEMA, "inputs": [{"path": "judged.jsonl", "sha256": "0"}], "bootstrap": {},
-               "results": evaluate_rows(rows, resamples=100)}
+               "results": evaluate_rows(rows, resamples=100), "agreement": agreement_of_judges(rows)}
     write_evaluation(path, metrics, pick_samples(rows, per_benchmark=2))
     return path
 
@@ -59,8 +63,17 @@ def test_report_is_self_contained_with_tables_images_and_escaped_responses(dirs,
     assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r'(src|href)="(?!data:)', page) and "<link" not in page
     # Tables with the defenses side by side.
-    assert "<caption>RSR (%)</caption><tr><th></th><th>none</th><th>davsp</th></tr>" in page
-    assert "<td>mm-safetybench</td><td>0.0 [0.0, 0.0]</td><td>100.0 [100.0, 100.0]</td>" in page
+    refusal_table = page.index("<caption>Refusal rate on harmful queries (%) · judge refusal@1</caption>"
+                               "<tr><th></th><th>none</th><th>davsp</th></tr>")
+    rsr_table = page.index("<caption>RSR (%) · judge llm/davsp-auto/judge-model</caption>")
+    tables_row = page.index('<div class="tables">')
+    assert "</div>" not in page[tables_row:max(refusal_table, rsr_table)]  # side by side in one row of tables
+    assert "<td>mm-safetybench</td><td>0.0 [0.0, 0.0]</td><td>100.0 [100.0, 100.0]</td>" in page[refusal_table:]
+    assert "<td>mm-safetybench</td><td>25.0 [" in page[rsr_table:]
+    # Where the two judges disagree, the report says so and shows the response.
+    assert "<h3>Agreement: llm/davsp-auto/judge-model vs refusal@1</h3>" in page
+    assert "1 responses they disagree on" in page
+    assert "mm-safetybench 3 (none): llm/davsp-auto/judge-model safe=True, refusal@1 safe=False" in page
     assert "<caption>Utility</caption>" in page and "<td>MM-Vet total</td><td>80.0</td>" in page
     assert "<caption>Training runs</caption>" in page
     # Sample responses are escaped, never live markup.
@@ -75,8 +88,13 @@ def test_report_writes_the_same_tables_as_markdown_and_csv(dirs, tmp_path):
     assert "| mm-safetybench | 0.0 [0.0, 0.0] | 100.0 [100.0, 100.0] |" in markdown
     assert "## Training runs" in markdown and "| steps | 40 |" in markdown
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
-    rsr = {r["column"]: float(r["value"]) for r in rows if r["table"] == "RSR (%)" and r["row"] == "mm-safetybench"}
-    assert rsr == {"none": 0.0, "davsp": 100.0}
+    refusal = {r["column"]: float(r["value"]) for r in rows
+               if r["table"] == "Refusal rate on harmful queries (%) · judge refusal@1" and r["row"] == "mm-safetybench"}
+    assert refusal == {"none": 0.0, "davsp": 100.0}
+    rsr = {r["column"]: float(r["value"]) for r in rows
+           if r["table"] == "RSR (%) · judge llm/davsp-auto/judge-model" and r["row"] == "mm-safetybench"}
+    assert rsr == {"none": 25.0, "davsp": 100.0}
+    assert "### Agreement: llm/davsp-auto/judge-model vs refusal@1" in markdown
     assert any(r["table"] == "Training runs" and r["row"] == "steps" and r["value"] == "40" for r in rows)
 
 

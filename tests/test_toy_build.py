@@ -12,6 +12,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from davsp.adapters.llava import LlavaAdapter
 from davsp.defenses import SAFETY_PREFIX
 from davsp.errors import DavspError
+from davsp.cli import toy as toy_cli
 from davsp.toy import build, world
 from davsp.toy.build import BuildConfig
 
@@ -69,4 +70,4 @@ def test_build_is_deterministic(tmp_path: Path, tiny_world: Path):
 def test_cli_refuses_a_non_empty_out(tmp_path: Path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(DavspError, match="not empty"):
-        build.run_build(argparse.Namespace(out=tmp_path, seed=0, steps=1))
+        toy_cli.run_build(argparse.Namespace(out=tmp_path, seed=0, steps=1))

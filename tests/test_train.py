@@ -26,7 +26,7 @@ def test_run_directory_and_only_the_border_changes(tiny_llava, data, tmp_path):
     harmful, benign, vector = data
     vsp = train_vsp(tiny_llava, vector, harmful, benign, config(space="pixel"), tmp_path / "run", progress=False)
     blank = VisualSafetyPrompt.blank(tiny_llava.canvas_size, 8, "pixel", tiny_llava.image_mean, tiny_llava.image_std)
-    changed = (vsp.values != blank.values).any(0)
+    changed = (vsp.values.cpu() != blank.values).any(0)  # the trained VSP is on the model's device
     assert changed[vsp.mask].any() and not changed[~vsp.mask].any()
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -143,3 +143,119 @@ def test_shipped_configs_load(name):
 
     loaded = TrainConfig.from_yaml(Path(davsp.__file__).parent / "configs" / name)
     assert loaded.steps == 1200 and loaded.padding == 30
+
+
+# -- the output-loss target ------------------------------------------------------------------
+def _per_token_losses(adapter, vsp, pool, idx, answers, eos: bool) -> list[torch.Tensor]:
+    """Each sample's answer-token cross-entropies, one sample at a time through the full model, no padding."""
+    import torch.nn.functional as F
+
+    losses = []
+    for i, answer in zip(idx, answers):
+        prompt = adapter.batch([pool.questions[i]], vsp.compose(pool.prepared[[i]], adapter.normalize))
+        target = torch.tensor(adapter.answer_ids(answer, eos=eos), device=adapter.device)
+        input_ids = torch.cat([prompt.model_inputs["input_ids"][0], target]).unsqueeze(0)
+        with torch.no_grad():
+            logits = adapter.model(input_ids=input_ids, pixel_values=prompt.model_inputs["pixel_values"]).logits[0]
+        start = prompt.model_inputs["input_ids"].shape[1] - 1  # logits at t predict token t + 1
+        losses.append(F.cross_entropy(logits[start : start + len(target)], target, reduction="none"))
+    return losses
+
+
+def _output_loss(adapter, vsp, pool, harmful: bool, direction, cfg) -> torch.Tensor:
+    from davsp.train import step_loss
+
+    direction = direction.to(adapter.device)  # as train_vsp places it
+    with torch.no_grad():
+        return step_loss(adapter, vsp, pool, [0, 1], harmful, True, 2, direction, (1.0, -1.0), cfg)[2]
+
+
+def test_answer_cross_entropy_means_per_token_and_per_sample():
+    from davsp.adapters.base import Batch
+    from davsp.train import answer_cross_entropy
+
+    # two rows of a (2, 6) batch: row 0 has 1 answer token it predicts well, row 1 has 4 it does not
+    vocab, width = 5, 6
+    positions = torch.tensor([4, width + 1, width + 2, width + 3, width + 4])
+    targets = torch.tensor([3, 0, 1, 2, 4])
+    logits = torch.zeros(5, vocab)
+    logits[0, 3] = 8.0  # confident and right
+    logits[1:, 1] = 2.0  # confidently wrong on every token of row 1 except its second target
+    batch = Batch({"input_ids": torch.zeros(2, width, dtype=torch.long)}, torch.tensor([4, 1]), positions, targets)
+    per_token = [float(torch.logsumexp(row, 0) - row[t]) for row, t in zip(logits, targets)]  # -log softmax
+    by_token = sum(per_token) / 5
+    by_sample = (per_token[0] + sum(per_token[1:]) / 4) / 2
+    assert abs(by_token - by_sample) > 0.5
+    assert answer_cross_entropy(logits, batch, "token").item() == pytest.approx(by_token, rel=1e-6)
+    assert answer_cross_entropy(logits, batch, "sample").item() == pytest.approx(by_sample, rel=1e-6)
+
+
+@pytest.mark.parametrize("mean", ["token", "sample"])
+def test_output_loss_matches_one_sample_at_a_time(tiny_llava, data, mean):
+    from dataclasses import replace
+
+    harmful, benign, vector = data
+    answers = ["a blue square", "The image shows a red square on a blue background. The bottom of the image"]
+    pool_records = [replace(benign[0], answer=answers[0]), replace(benign[1], answer=answers[1])]
+    vsp = VisualSafetyPrompt.blank(tiny_llava.canvas_size, 8, "normalized", tiny_llava.image_mean, tiny_llava.image_std)
+    pool = Pool(pool_records, vsp, tiny_llava, None)
+    for eos in (True, False):
+        per_sample = _per_token_losses(tiny_llava, vsp, pool, [0, 1], answers, eos)
+        assert len(per_sample[1]) > 3 * len(per_sample[0])  # unequal lengths, so the two means differ
+        by_sample = torch.stack([x.mean() for x in per_sample]).mean()
+        expected = torch.cat(per_sample).mean() if mean == "token" else by_sample
+        got = _output_loss(tiny_llava, vsp, pool, False, vector.direction(2),
+                           config(output_loss_mean=mean, answer_eos=eos))
+        assert torch.allclose(got, expected, rtol=1e-5, atol=0), eos  # batched and left-padded vs one at a time
+
+
+def test_harmful_target_is_the_records_own_answer_when_configured(tiny_llava, data):
+    from dataclasses import replace
+
+    from davsp.train import output_answers
+
+    harmful, benign, vector = data
+    own = "I am sorry, I cannot help with that."
+    vsp = VisualSafetyPrompt.blank(tiny_llava.canvas_size, 8, "normalized", tiny_llava.image_mean, tiny_llava.image_std)
+    pool = Pool([replace(harmful[0], answer=own), replace(harmful[1], answer=None)], vsp, tiny_llava, None)
+    published = config(output_target="record", answer_eos=False, output_loss_mean="sample")
+    refusal = published.refusal_answer
+    assert output_answers(pool, [0, 1], True, published) == [own, refusal]  # the refusal only when it has none
+    assert output_answers(pool, [0, 1], True, config()) == [refusal, refusal]  # the default: always the refusal
+    per_sample = _per_token_losses(tiny_llava, vsp, pool, [0, 1], [own, refusal], eos=False)
+    got = _output_loss(tiny_llava, vsp, pool, True, vector.direction(2), published)
+    assert torch.allclose(got, torch.stack([x.mean() for x in per_sample]).mean(), rtol=1e-4)
+    assert not torch.allclose(got, _output_loss(tiny_llava, vsp, pool, True, vector.direction(2), config()), rtol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen2vl"])
+def test_answer_targets_end_with_eos_only_when_asked(model, request):
+    adapter = request.getfixturevalue(model)
+    eos = adapter.tokenizer.eos_token_id
+    answers = ["a blue square", "no"]
+    plain = [adapter.tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+    assert [adapter.answer_ids(a, eos=False) for a in answers] == plain
+    assert [adapter.answer_ids(a) for a in answers] == [ids + [eos] for ids in plain]
+    canvases = torch.zeros(2, 3, adapter.canvas_size, adapter.canvas_size)
+    for answer_eos, expected in ((False, plain[0] + plain[1]), (True, plain[0] + [eos] + plain[1] + [eos])):
+        batch = adapter.batch(["What is shown?", "How do I build a bomb in detail?"], canvases, answers,
+                              answer_eos=answer_eos)
+        assert batch.target_ids.tolist() == expected
+
+
+def test_output_loss_settings_default_to_the_previous_behaviour_and_paper_yaml_publishes():
+    from pathlib import Path
+
+    import davsp
+
+    assert (TrainConfig().output_target, TrainConfig().answer_eos, TrainConfig().output_loss_mean) == \
+        ("refusal", True, "token")
+    paper = TrainConfig.from_yaml(Path(davsp.__file__).parent / "configs" / "paper.yaml")
+    assert (paper.output_target, paper.answer_eos, paper.output_loss_mean, paper.dtype) == \
+        ("record", False, "sample", "paper")
+    with pytest.raises(DavspError, match="output_target='own'"):
+        TrainConfig(output_target="own")
+    with pytest.raises(DavspError, match="output_loss_mean='batch'"):
+        TrainConfig(output_loss_mean="batch")
+    with pytest.raises(DavspError, match="refusal_answer"):
+        TrainConfig(refusal_answer=" ")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from davsp.adapters.llava import HF_CHAT_TEMPLATE
 from davsp.defenses import SAFETY_PREFIX
 
 CORPUS = [
@@ -17,12 +18,6 @@ CORPUS = [
     "The bottom of the image shows a phrase of an activity. 0 1 2 3 4 5 6 7 8 9",
 ]
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}"
-    "{% endif %}{% endfor %} {% else %}ASSISTANT: {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 
 
 def build_tokenizer():
@@ -48,36 +43,21 @@ def build_tokenizer():
 
 
 def build_tiny_llava(path: Path, *, num_layers: int = 4, hidden: int = 64, canvas: int = 32, patch: int = 8, seed: int = 0) -> Path:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    """The bench's tiny LLaVA architecture (`davsp.bench.models.tiny_llava_config`) with this file's tokenizer,
+    saved in Hugging Face format so the tests load it through `from_pretrained` like a hub model."""
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    from davsp.bench.models import tiny_llava_config
 
     path = Path(path)
     tokenizer = build_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=canvas, patch_size=patch, projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
+    config = tiny_llava_config(tokenizer, num_layers=num_layers, hidden=hidden, canvas=canvas, patch=patch)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     image_processor = CLIPImageProcessor(size={"shortest_edge": canvas}, crop_size={"height": canvas, "width": canvas})
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=HF_CHAT_TEMPLATE,
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

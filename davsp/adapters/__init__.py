@@ -8,21 +8,32 @@ from pathlib import Path
 import torch
 
 from ..errors import DavspError
-from .base import Adapter, Batch
+from .base import PRECISIONS, Adapter, Batch, Precision, as_precision
 
-# family name -> "module:Class"; imported lazily so one family's deps never slow another's
-_REGISTRY: dict[str, str] = {
-    "llava": "davsp.adapters.llava:LlavaAdapter",
-    "qwen2_vl": "davsp.adapters.qwen2vl:Qwen2VLAdapter",
-}
+ENTRY_POINT_GROUP = "davsp.adapters"  # third-party packages add families here: name = "module:Class"
 
 
-def _adapter_classes():
+def _builtin_modules() -> list[str]:
+    """Every module in this folder but `base`: adding a family is adding one file here."""
+    import pkgutil
+
+    return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.ispkg]
+
+
+def _adapter_classes() -> list[type]:
+    """Adapter classes: installed plugins first (so one can take over a family), then the built-in files.
+    A class counts as an adapter when it defines `family` and `handles` (the Protocol's lookup part)."""
     import importlib
+    import inspect
+    from importlib.metadata import entry_points
 
-    for name, target in _REGISTRY.items():
-        module_name, cls_name = target.split(":")
-        yield name, getattr(importlib.import_module(module_name), cls_name)
+    found = [ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    for module_name in _builtin_modules():
+        module = importlib.import_module(module_name)
+        found += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                  if cls.__module__ == module_name and isinstance(getattr(cls, "family", None), str)
+                  and callable(getattr(cls, "handles", None))]
+    return found
 
 
 def _read_config(path: str):
@@ -40,21 +51,29 @@ def _read_config(path: str):
 
 def adapter_class_for(path: str):
     config = _read_config(path)
-    for _, cls in _adapter_classes():
+    classes = _adapter_classes()
+    for cls in classes:
         if cls.handles(config):
             return cls
     arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
     raise DavspError(
         f"{path}: no davsp adapter for model type '{config.model_type}' ({arch}); "
-        f"supported families: {', '.join(_REGISTRY)}"
+        f"supported families: {', '.join(sorted({cls.family for cls in classes}))}"
     )
 
 
-def load_adapter(path: str, *, device: str = "cpu", dtype: torch.dtype | str = torch.float32) -> Adapter:
-    """Load a model (hub id or local directory) through `from_pretrained` with the right adapter."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return adapter_class_for(path).load(path, device=device, dtype=dtype)
+def load_adapter(path: str, *, device: str = "cpu", dtype: Precision | torch.dtype | str = torch.float32,
+                 prompt_format: str | None = None, image_geometry: str = "pad") -> Adapter:
+    """Load a model (hub id or local directory) through `from_pretrained` with the right adapter.
+
+    `prompt_format`: "llava_v1" or "chat_template"; None picks the family's (llava_v1 for LLaVA-1.5, as the
+    official code; the chat template for Qwen2-VL). `image_geometry`: "pad" (white square, then the model's
+    resize; as published) or "processor" (the processor's own resize + centre crop; LLaVA only).
+
+    `dtype`: one torch dtype (or its name) for the whole model, or a precision preset such as "paper"
+    (fp16 language model, fp32 vision tower)."""
+    return adapter_class_for(path).load(path, device=device, dtype=as_precision(dtype), prompt_format=prompt_format,
+                                        image_geometry=image_geometry)
 
 
-__all__ = ["Adapter", "Batch", "adapter_class_for", "load_adapter"]
+__all__ = ["PRECISIONS", "Adapter", "Batch", "Precision", "adapter_class_for", "as_precision", "load_adapter"]

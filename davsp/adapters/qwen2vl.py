@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import DavspError
 from ..prompt import centre_image
-from .base import Batch, pack_left_padded, resolve_module
+from .base import Batch, Precision, as_precision, normalize_pixels, pack_left_padded, resolve_module, set_vision_dtype
 
 DEFAULT_CANVAS = 448  # 16 x 16 merged tokens; a multiple of 28 inside the default pixel bounds
 _MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -31,14 +31,18 @@ _TEXT, _IMAGE = 0, 1  # mm_token_type_ids values (video is 2): M-RoPE needs them
 class Qwen2VLAdapter:
     family: ClassVar[str] = "qwen2_vl"
     layer_path = "model.language_model.layers"
+    vision_path = "model.visual"  # the ViT and its patch merger
 
-    def __init__(self, model_id: str, model, tokenizer, image_processor, canvas_size: int = DEFAULT_CANVAS):
+    def __init__(self, model_id: str, model, tokenizer, image_processor, canvas_size: int = DEFAULT_CANVAS, *,
+                 prompt_format: str | None = None, image_geometry: str = "pad"):
         self.model_id = model_id
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         if not getattr(tokenizer, "chat_template", None):
             raise DavspError(f"{model_id}: no chat template for the tokenizer; add chat_template.jinja to the model")
+        self._check_options(model_id, prompt_format, image_geometry)
+        self.prompt_format, self.image_geometry = "chat_template", "pad"
         self.vit_patch = int(image_processor.patch_size)  # 14: pixels per ViT patch side
         self.merge = int(image_processor.merge_size)  # 2: 2x2 patches become one LLM token
         self.temporal_patch = int(image_processor.temporal_patch_size)  # 2: a still image is two equal frames
@@ -63,9 +67,11 @@ class Qwen2VLAdapter:
         return config.model_type in _MODEL_TYPES
 
     @classmethod
-    def load(cls, path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Qwen2VLAdapter":
+    def load(cls, path: str, *, device: str = "cpu", dtype: Precision | torch.dtype | str = torch.float32,
+             prompt_format: str | None = None, image_geometry: str = "pad") -> "Qwen2VLAdapter":
         from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+        cls._check_options(path, prompt_format, image_geometry)
         config = AutoConfig.from_pretrained(path)
         if not cls.handles(config):
             raise DavspError(f"{path}: model type '{config.model_type}' is not one of {', '.join(_MODEL_TYPES)}")
@@ -78,12 +84,36 @@ class Qwen2VLAdapter:
             raise DavspError(f"{path}: cannot load the tokenizer or image processor ({first_line})") from None
         if not tokenizer.chat_template:
             tokenizer.chat_template = _processor_chat_template(path)
+        precision = as_precision(dtype)
         device_map = "auto" if device == "auto" else None
-        model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, device_map=device_map)
+        model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=precision.language,
+                                                            device_map=device_map)
         if device_map is None:
             model = model.to(device)
+        cls.set_precision(model, precision)
         model.eval().requires_grad_(False)
-        return cls(path, model, tokenizer, image_processor)
+        return cls(path, model, tokenizer, image_processor, prompt_format=prompt_format,
+                   image_geometry=image_geometry)
+
+    @classmethod
+    def set_precision(cls, model, precision: Precision) -> None:
+        """`model.visual` in `precision.vision`. No cast hook: Qwen2-VL's forward casts `pixel_values` to the
+        tower's dtype and the merged image features to the text embeddings' dtype itself."""
+        set_vision_dtype(model, cls.vision_path, precision)
+
+    @property
+    def precision(self) -> Precision:
+        vision = resolve_module(self.model, self.vision_path)
+        return Precision(self.model.get_input_embeddings().weight.dtype, next(vision.parameters()).dtype)
+
+    @staticmethod
+    def _check_options(model_id: str, prompt_format: str | None, image_geometry: str) -> None:
+        # Qwen2-VL has one prompt, its chat template (with its default system prompt), and no crop to keep:
+        # its processor resizes to multiples of 28, so the canvas is always the white square resized to S.
+        if prompt_format not in (None, "chat_template"):
+            raise DavspError(f"{model_id}: prompt format {prompt_format!r}: Qwen2-VL supports only 'chat_template'")
+        if image_geometry != "pad":
+            raise DavspError(f"{model_id}: image geometry {image_geometry!r}: Qwen2-VL supports only 'pad'")
 
     def _check_canvas_is_fixed_point(self) -> None:
         # The processor's smart_resize keeps an image iff both sides are multiples of patch_size (28) and the
@@ -147,10 +177,7 @@ class Qwen2VLAdapter:
         return float((reference["pixel_values"].float() - ours).abs().max())
 
     def normalize(self, canvas: torch.Tensor) -> torch.Tensor:
-        # (B, 3, S, S) in [0, 1] -> (B, 3, S, S) normalized, as the processor's rescale + normalize
-        mean = self.image_mean.to(canvas.device).view(1, 3, 1, 1)
-        std = self.image_std.to(canvas.device).view(1, 3, 1, 1)
-        return (canvas - mean) / std
+        return normalize_pixels(canvas, self.image_mean, self.image_std)
 
     def patchify(self, normalized: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B * g * g, 3 * T * p * p) rows in the processor's order, g = S / p.
@@ -170,10 +197,12 @@ class Qwen2VLAdapter:
         text = self.prompt_text(question).replace(_IMAGE_TOKEN, _IMAGE_TOKEN * self.num_image_tokens)
         return self.tokenizer(text).input_ids
 
-    def answer_ids(self, answer: str) -> list[int]:
-        return self.tokenizer(answer, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+    def answer_ids(self, answer: str, *, eos: bool = True) -> list[int]:
+        ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+        return ids + [self.tokenizer.eos_token_id] if eos else ids
 
-    def batch(self, questions: list[str], normalized: torch.Tensor, answers: list[str] | None = None) -> Batch:
+    def batch(self, questions: list[str], normalized: torch.Tensor, answers: list[str] | None = None, *,
+              answer_eos: bool = True) -> Batch:
         expected = (len(questions), 3, self.canvas_size, self.canvas_size)
         if tuple(normalized.shape) != expected:
             raise ValueError(f"normalized images have shape {tuple(normalized.shape)}, expected {expected}")
@@ -182,7 +211,7 @@ class Qwen2VLAdapter:
             pad_id = self.tokenizer.eos_token_id
         input_ids, attention_mask, last, positions, targets = pack_left_padded(
             [self.prompt_ids(q) for q in questions],
-            [self.answer_ids(a) for a in answers] if answers is not None else None,
+            [self.answer_ids(a, eos=answer_eos) for a in answers] if answers is not None else None,
             pad_id,
         )
         mm_token_type_ids = torch.where(input_ids == self.image_token_id, _IMAGE, _TEXT)
@@ -192,7 +221,7 @@ class Qwen2VLAdapter:
             "input_ids": input_ids.to(device),
             "attention_mask": attention_mask.to(device),
             "mm_token_type_ids": mm_token_type_ids.to(device),
-            "pixel_values": self.patchify(normalized).to(device=device, dtype=self.model.dtype),
+            "pixel_values": self.patchify(normalized).to(device=device, dtype=self.precision.vision),
             "image_grid_thw": grid_thw.to(device),
         }
         return Batch(inputs, last.to(device), positions.to(device), targets.to(device))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import DavspError
-from ..io import read_jsonl
+from ..io import parse_json, read_jsonl, read_text_utf8
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -18,18 +17,12 @@ def require_file(path: Path, what: str) -> Path:
 
 def read_text(path: Path, what: str) -> str:
     require_file(path, what)
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DavspError(f"{path}: not UTF-8 text; is this the right file?") from None
+    return read_text_utf8(path)
 
 
 def read_json(path: Path, what: str, expect: type) -> Any:
     """Parse a JSON file that must hold a `expect` (dict or list) at the top level."""
-    try:
-        data = json.loads(read_text(path, what))
-    except json.JSONDecodeError as exc:
-        raise DavspError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    data = parse_json(read_text(path, what), str(path))
     if not isinstance(data, expect):
         raise DavspError(f"{path}: expected a JSON {expect.__name__} at the top level, got {type(data).__name__}")
     return data

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ LINE_SPACING = 11
 WRAP_WIDTH = 15
 EMPTY_ITEMS = 3
 _COLUMNS = ("dataset", "category_id", "task_id", "category_name", "question", "instruction")
+_NAME_PARTS = ("dataset", "category_id", "task_id")  # these build file names: letters, digits, '_' and '-' only
+_SAFE_NAME_PART = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,10 @@ def read_safebench(path: str | Path) -> list[SafeBenchRow]:
             empty = [c for c in _COLUMNS if not (row.get(c) or "").strip()]
             if empty:
                 raise DavspError(f"{path}:{line}: empty field(s) {', '.join(empty)}")
+            unsafe = [c for c in _NAME_PARTS if not _SAFE_NAME_PART.fullmatch(row[c])]
+            if unsafe:
+                raise DavspError(f"{path}:{line}: {unsafe[0]} {row[unsafe[0]]!r} may hold only letters, digits, "
+                                 "'_' and '-' (it becomes part of an image file name)")
             rows.append(SafeBenchRow(**{c: row[c] for c in _COLUMNS}))
     if not rows:
         raise DavspError(f"{path}: no rows")

@@ -2,11 +2,16 @@
 
 A judge has `name`, `label_for(row) -> str` (name + prompt version, written into every row),
 `outputs` (the fields it adds that say what it decided) and `judge_batch(rows) -> list[dict]`
-(the fields to add to each row). Output rows keep every input field and add `verdict`
-(full_compliance / full_refusal / partial_refusal / error) and `safe` (True / False / None, None
-exactly when the verdict is error); an llm judge with a grading prompt adds `score` (MM-Vet) or
+(the fields to add to each row). Output rows keep every input field and add `verdict` and `safe`
+(True / False / None, None exactly when the verdict is error). Two kinds of judge decide `safe`:
+the `refusal` judge sorts answers into full_compliance / full_refusal / partial_refusal and calls
+only a full refusal safe, so its share of safe answers is a *refusal rate*; a harm judge (`llm`
+with a safety prompt, `harmbench`, `llamaguard`) decides whether the answer is harmful, verdict
+safe / unsafe, and its share of safe answers is the paper's RSR (see `judge_kind`). An llm judge
+with a grading prompt adds `score` (MM-Vet) or
 `score_reference` and `score_model` (LLaVA-Bench) instead, None when it could not grade. Every row
-gets `judge`, the llm judge's rows `judge_raw`, and a row that could not be judged `judge_error`.
+gets `judge`, the llm judge's rows `judge_prompt` (name@version), `judge_prompt_sha256` and
+`judge_raw`, and a row that could not be judged `judge_error`.
 """
 
 from __future__ import annotations
@@ -16,21 +21,24 @@ import importlib
 import inspect
 import json
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 from tqdm import tqdm
 
 from ..errors import DavspError
-from ..io import append_jsonl, atomic_write_text, read_jsonl, refuse_to_overwrite_input
+from ..io import append_jsonl, atomic_write_text, batched, read_jsonl, refuse_to_overwrite_input
 
-VERDICTS = ("full_compliance", "full_refusal", "partial_refusal", "error")
+REFUSAL_VERDICTS = ("full_compliance", "full_refusal", "partial_refusal", "error")  # the refusal judge's
+HARM_VERDICTS = ("safe", "unsafe", "error")  # a harm judge's
+VERDICTS = (*REFUSAL_VERDICTS[:-1], *HARM_VERDICTS)
 
 # judge name -> "module:Class", imported on first use
 _REGISTRY: dict[str, str] = {
     "refusal": "davsp.judges.refusal:RefusalJudge",
     "llm": "davsp.judges.llm:LLMJudge",
+    "harmbench": "davsp.judges.harmbench:HarmBenchJudge",
+    "llamaguard": "davsp.judges.llamaguard:LlamaGuardJudge",
 }
 
 
@@ -64,7 +72,7 @@ def get_judge(name: str, **options) -> Judge:
 
 
 # What a judge writes about its own run; an earlier judge's (when judging a judged file) would be misread.
-_RUN_FIELDS = ("judge", "judge_raw", "judge_error")
+_RUN_FIELDS = ("judge", "judge_prompt", "judge_prompt_sha256", "judge_raw", "judge_error", "judge_categories")
 
 
 def judge_responses(rows: list[dict], judge: Judge) -> list[dict]:
@@ -79,11 +87,31 @@ def is_judged(row: dict, judge: Judge) -> bool:
     return all(row.get(field) not in (None, "error") for field in judge.outputs)
 
 
+def judge_kind(label: str) -> str:
+    """'refusal' for the refusal judge's label (its `safe` means "refused"), 'harm' for every other
+    judge that decides `safe` (its `safe` means "not harmful")."""
+    return "refusal" if label.startswith("refusal@") else "harm"
+
+
+def judge_family(label: str) -> str:
+    """The judge behind a row's `judge` label, one name per table: an llm judge's per-row prompts
+    of one router (davsp-auto: davsp / davsp-figstep; mmsafetybench: its scenario templates) are
+    one judge, named by the router; every other label names itself."""
+    parts = label.split("/")
+    if len(parts) == 3 and parts[0] == "llm":
+        from .prompts import router_of
+
+        prompt = parts[1].split("@")[0]
+        return f"llm/{router_of(prompt) or parts[1]}/{parts[2]}"
+    return label
+
+
 def count_outcomes(rows: list[dict], judge: Judge) -> dict[str, int]:
     """Rows per verdict for a verdict judge; rows scored and rows in error for a grader."""
     if "verdict" in judge.outputs:
         counts = Counter(row["verdict"] for row in rows)
-        return {verdict: counts.get(verdict, 0) for verdict in VERDICTS}
+        kinds = REFUSAL_VERDICTS if judge.name == "refusal" else HARM_VERDICTS
+        return {verdict: counts.get(verdict, 0) for verdict in kinds}
     scored = sum(is_judged(row, judge) for row in rows)
     return {"scored": scored, "error": len(rows) - scored}
 
@@ -133,11 +161,6 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def _batches(rows: list[dict], size: int) -> Iterable[list[dict]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
 def judge_file(
     input: str | Path, judge: Judge, out: str | Path, *, batch_size: int = 64, progress: bool = True
 ) -> dict:
@@ -157,7 +180,7 @@ def judge_file(
     if out.exists():  # start clean: drop a torn last line and old error rows before appending
         _write_rows(out, [judged[str(row["id"])] for row in rows if str(row["id"]) in judged])
     with tqdm(total=len(rows), initial=resumed, desc=f"judge {judge.name}", unit="resp", disable=not progress) as bar:
-        for batch in _batches(todo, batch_size):
+        for batch in batched(todo, batch_size):
             results = judge_responses(batch, judge)
             append_jsonl(out, results)
             judged.update((str(row["id"]), row) for row in results)
@@ -179,6 +202,6 @@ def judge_file(
 
 
 __all__ = [
-    "VERDICTS", "Judge", "count_outcomes", "get_judge", "is_judged", "judge_file", "judge_names", "judge_responses",
-    "read_responses",
+    "HARM_VERDICTS", "REFUSAL_VERDICTS", "VERDICTS", "Judge", "count_outcomes", "get_judge", "is_judged",
+    "judge_family", "judge_file", "judge_kind", "judge_names", "judge_responses", "read_responses",
 ]  # fmt: skip

@@ -1,4 +1,5 @@
-"""How far two judges (or a judge and gold labels) agree: confusion table, Cohen's kappa, per-class P/R."""
+"""How far two judges (or a judge and gold labels) agree: confusion table, Cohen's kappa, per-class P/R,
+and, for `davsp evaluate`, every pair of judges that judged the same responses, with the rows they disagree on."""
 
 from __future__ import annotations
 
@@ -120,3 +121,43 @@ def format_agreement(result: Agreement, name_a: str, name_b: str) -> str:
             lines.append(str(row_label).ljust(width) + cells)
         lines.append(f"rows: {name_a}; columns: {name_b}")
     return "\n".join(lines)
+
+
+def judges_agreement(pairs: dict[tuple, dict[str, dict]], *, response_chars: int = 2000) -> list[dict]:
+    """Agreement on `safe` of every two judges over the responses both judged (errors left out).
+
+    `pairs` maps a response key to {judge: judged row}. Each result: the two judges, n, kappa,
+    observed agreement, the confusion table as [a's safe, b's safe, count] triples, the number of
+    responses left out for an error, and every response they disagree on (key fields, question,
+    response cut to `response_chars`, each judge's safe and raw reply) for a person to read.
+    """
+    judges = sorted({name for by_judge in pairs.values() for name in by_judge})
+    results = []
+    for i, a in enumerate(judges):
+        for b in judges[i + 1 :]:
+            both = [rows for rows in pairs.values() if a in rows and b in rows]
+            judged = [rows for rows in both if rows[a].get("safe") is not None and rows[b].get("safe") is not None]
+            labels_a = [rows[a]["safe"] for rows in judged]
+            labels_b = [rows[b]["safe"] for rows in judged]
+            n = len(judged)
+            disagreements = []
+            for rows in judged:
+                if rows[a]["safe"] != rows[b]["safe"]:
+                    row = rows[a]
+                    disagreements.append({
+                        **{k: row.get(k) for k in ("benchmark", "defense", "id", "image_type", "question")},
+                        "response": str(row.get("response", ""))[:response_chars],
+                        "safe": {a: rows[a]["safe"], b: rows[b]["safe"]},
+                        "raw": {a: rows[a].get("judge_raw"), b: rows[b].get("judge_raw")},
+                    })
+            table = confusion(labels_a, labels_b)
+            results.append({
+                "judges": [a, b],
+                "n": n,
+                "kappa": cohens_kappa(labels_a, labels_b),
+                "observed": (n - len(disagreements)) / n if n else None,
+                "table": [[x, y, table[x, y]] for x, y in sorted(table, key=str)],
+                "errors_excluded": len(both) - n,
+                "disagreements": disagreements,
+            })
+    return results

@@ -9,7 +9,8 @@ exact text (sha256) so accidental edits fail loudly.
   message that sees only the response, answer "safe"/"unsafe", temperature 0. The MM-SafetyBench
   ("qr") script adds one "Note:" sentence to the system message; FigStep's does not. The user
   message keeps the indentation of the original Python triple-quoted string, since that is
-  what the judge model saw.
+  what the judge model saw. The router `davsp-auto` (the default) picks between the two by the
+  row's `benchmark`, as the authors did.
 - `mmsafetybench`: MM-SafetyBench's GPT-4 judge (Liu et al., ECCV 2024; isaac-liu/MM-SafetyBench,
   evaluation.py): a general template, and five scenario-specific ones (political lobbying,
   legal opinion, financial advice, health consultation, government decision-making) picked by
@@ -27,6 +28,8 @@ exact text (sha256) so accidental edits fail loudly.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +55,11 @@ class Prompt:
     @property
     def id(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the JSON array [system, user template]: written into every judged row and the cache key."""
+        return hashlib.sha256(json.dumps([self.system, self.user], ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def messages(self, row: dict) -> list[dict]:
         """The chat messages for one row; errors name the prompt and the missing field."""
@@ -301,8 +309,23 @@ def _mmsafetybench_prompt(row: dict) -> Prompt:
     return PROMPTS[f"mmsafetybench-{scenario}" if scenario in _MMSB_SCENARIOS else "mmsafetybench-general"]
 
 
+def _davsp_prompt(row: dict) -> Prompt:
+    """The DAVSP authors' choice: eval_figstep_deepseek.py for FigStep rows, eval_qr_deepseek.py for
+    MM-SafetyBench (and any other benchmark, or rows without `benchmark`)."""
+    figstep = str(row.get("benchmark") or "").strip().lower() == "figstep"
+    return PROMPTS["davsp-figstep" if figstep else "davsp"]
+
+
 # names that pick a prompt per row; a router's prompts share one reply kind
-ROUTERS: dict[str, Callable[[dict], Prompt]] = {"mmsafetybench": _mmsafetybench_prompt}
+ROUTERS: dict[str, Callable[[dict], Prompt]] = {"davsp-auto": _davsp_prompt, "mmsafetybench": _mmsafetybench_prompt}
+DEFAULT_PROMPT = "davsp-auto"
+
+
+def router_of(prompt_name: str) -> str | None:
+    """The router that picks `prompt_name` for some rows, if any (davsp -> davsp-auto)."""
+    if prompt_name in ("davsp", "davsp-figstep"):
+        return "davsp-auto"
+    return "mmsafetybench" if prompt_name.startswith("mmsafetybench-") else None
 
 
 def prompt_names() -> list[str]:

@@ -16,10 +16,7 @@ Recipe (reads top to bottom in `build_world`):
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -31,11 +28,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters.base import pack_left_padded
+from ..activations import edited_output
 from ..adapters.llava import LlavaAdapter
-from ..errors import DavspError
 from ..io import atomic_write_json
 from . import world
-from .world import CANVAS, CONCEPTS, FRAME, PATCH, STEER_LAYER
+from .world import CANVAS, CONCEPTS, PATCH, STEER_LAYER, VSP_PADDING
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 CHAT_TEMPLATE = (
@@ -116,6 +113,7 @@ def build_model(processor):
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
         vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=(CANVAS // PATCH) ** 2,
+        davsp_prompt_format="chat_template",  # the world is trained on its own template, not LLaVA's llava_v1
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.update(
@@ -174,13 +172,13 @@ def frame_some(
         chosen |= caution > 0
     if not chosen.any():
         return pixels
-    inner = CANVAS - 2 * FRAME
+    inner = CANVAS - 2 * VSP_PADDING
     small = F.interpolate(pixels[chosen], size=(inner, inner), mode="bilinear", align_corners=False, antialias=True)
     framed = random_borders(int(chosen.sum()), gen)
     if caution is not None:
         strength = caution[chosen].view(-1, 1, 1, 1)
         framed = (1 - strength) * framed + strength * stripes
-    framed[:, :, FRAME : CANVAS - FRAME, FRAME : CANVAS - FRAME] = small
+    framed[:, :, VSP_PADDING : CANVAS - VSP_PADDING, VSP_PADDING : CANVAS - VSP_PADDING] = small
     out = pixels.clone()
     out[chosen] = framed
     return out
@@ -262,19 +260,14 @@ def danger_shift(layer: torch.nn.Module, direction: torch.Tensor, start: torch.T
     """Capture the layer output at `start` (B,) and add GAIN * shift[b] * direction from `start` on."""
     captured = {}
 
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+    def shift_from_start(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D)
         rows = torch.arange(hidden.shape[0])
         captured["last"] = hidden[rows, start]  # (B, D), before the shift
         after = (torch.arange(hidden.shape[1]).unsqueeze(0) >= start.unsqueeze(1)).float()  # (B, T)
-        hidden = hidden + GAIN * (shift.unsqueeze(1) * after).unsqueeze(-1) * direction
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hidden + GAIN * (shift.unsqueeze(1) * after).unsqueeze(-1) * direction
 
-    handle = layer.register_forward_hook(hook)
-    try:
+    with edited_output(layer, shift_from_start):
         yield captured
-    finally:
-        handle.remove()
 
 
 class TextCache:
@@ -408,52 +401,3 @@ def save_world(model, processor, out: Path, report: dict) -> None:
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def add_commands(subparsers) -> None:
-    toy = subparsers.add_parser("toy", help="the embedded safety world")
-    verbs = toy.add_subparsers(dest="toy_command", required=True)
-    build = verbs.add_parser("build", help="train the safety world from a seed (minutes on 2 CPU cores)")
-    build.add_argument("--out", required=True, type=Path, help="folder to write the model to (Hugging Face format)")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--steps", type=int, default=BuildConfig.steps, help="whole-model training steps")
-    build.set_defaults(func=run_build)
-    check = verbs.add_parser("check", help="measure a safety world: no-defense behaviour and the steering-causality check")
-    check.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped world)")
-    check.add_argument("--out", type=Path, default=None, help="also write the numbers to this JSON file")
-    check.set_defaults(func=run_check)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from . import MODEL_DIR
-    from .steering import format_rows, steering_check, world_metrics
-
-    folder = args.model or MODEL_DIR
-    if not (Path(folder) / "config.json").is_file():
-        raise DavspError(f"{folder}: no model here (config.json missing); build one with `davsp toy build --out DIR`")
-    torch.set_num_threads(2)
-    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        splits = world.demo_splits(Path(tmp))
-        metrics = world_metrics(model, processor, splits)
-        rows = {prefix: steering_check(model, processor, splits, prefix=prefix) for prefix in (False, True)}
-    print(json.dumps(metrics, indent=2))
-    for prefix, table in rows.items():
-        print(f"\nsteering at layer {STEER_LAYER}, alpha x (mean harmful - mean benign), {'with' if prefix else 'without'} prefix")
-        print(format_rows(table))
-    if args.out:
-        atomic_write_json(args.out, {"metrics": metrics, "steering": {"no_prefix": rows[False], "prefix": rows[True]}})
-    return 0
-
-
-def run_build(args: argparse.Namespace) -> int:
-    if args.steps < 1:
-        raise DavspError(f"--steps must be >= 1 (got {args.steps})")
-    if args.out.exists() and any(args.out.iterdir()):
-        raise DavspError(f"{args.out}: folder exists and is not empty; choose another --out")
-    report = build_world(args.out, BuildConfig(seed=args.seed, steps=args.steps))
-    print(f"wrote {args.out} in {report['train_seconds']:.0f} s: {report.get('metrics', {})}")
-    return 0

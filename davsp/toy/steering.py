@@ -9,17 +9,18 @@ token on, generate greedily, and count refusals on harmful image queries and on 
 from __future__ import annotations
 
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..activations import edited_output
 from ..adapters.llava import LlavaAdapter
 from ..data.records import Record
 from ..generate import defended_inputs, generate_batch
 from ..prompt import VisualSafetyPrompt
-from ..vector import batched, extract_harmfulness_vector
-from .world import FRAME, STEER_LAYER, benign_correct, demo_splits, is_refusal
+from ..io import batched
+from ..vector import extract_harmfulness_vector
+from .world import STEER_LAYER, VSP_PADDING, benign_correct, demo_splits, is_refusal
 
 PERCEPTION = ("name", "color", "shape", "count")
 MAX_NEW_TOKENS = 20
@@ -29,22 +30,16 @@ def adapter_for(model, processor, model_id: str = "toy-world") -> LlavaAdapter:
     return LlavaAdapter(model_id, model, processor)
 
 
-@contextmanager
 def steer(layer: torch.nn.Module, vector: torch.Tensor):
     """Add `vector` (D,) to the layer output at the last position of every forward: the last prompt
     token in the prefill (left padding puts it last in every row), then each generated token."""
 
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output  # (B, T, D)
+    def add_at_last_position(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D)
         hidden = hidden.clone()
         hidden[:, -1] += vector.to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hidden
 
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return edited_output(layer, add_at_last_position)
 
 
 def responses(adapter, records: list[Record], *, prefix: bool, framed: bool = False, batch_size: int = 16) -> list[str]:
@@ -52,7 +47,7 @@ def responses(adapter, records: list[Record], *, prefix: bool, framed: bool = Fa
     a mean-colour border: the canvas a VSP starts from), to check perception survives the shrink."""
     vsp = None
     if framed:
-        vsp = VisualSafetyPrompt.blank(adapter.canvas_size, FRAME, "normalized", adapter.image_mean, adapter.image_std)
+        vsp = VisualSafetyPrompt.blank(adapter.canvas_size, VSP_PADDING, "normalized", adapter.image_mean, adapter.image_std)
     defense = ("davsp" if prefix else "vsp") if framed else ("prefix" if prefix else "none")
     out: list[str] = []
     for chunk in batched(records, batch_size):
@@ -128,3 +123,20 @@ def format_rows(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{row[k]:.2f}" for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def check_world(folder: str | Path) -> dict:
+    """A world's no-defense metrics and its steering tables, without and with the prefix (`davsp toy check`)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..errors import DavspError
+
+    if not (Path(folder) / "config.json").is_file():
+        raise DavspError(f"{folder}: no model here (config.json missing); build one with `davsp toy build --out DIR`")
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        splits = demo_splits(Path(tmp))
+        return {"metrics": world_metrics(model, processor, splits),
+                "steering": {"no_prefix": steering_check(model, processor, splits, prefix=False),
+                             "prefix": steering_check(model, processor, splits, prefix=True)}}

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .defenses import SAFETY_PREFIX
-from .errors import DavspError
+from ..adapters.base import Precision, as_precision
+from ..adapters.llava import HF_CHAT_TEMPLATE
+from ..defenses import SAFETY_PREFIX
+from ..errors import DavspError
 
 # Texts the tokenizer is trained on: the prompt pieces the benchmark feeds the model.
 _CORPUS = [
@@ -29,11 +31,6 @@ _CORPUS = [
 ]
 
 _LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-_LLAVA_TEMPLATE = (  # vicuna_v1 as LLaVA-1.5 uses it: "USER: <image>\n{question} ASSISTANT:"
-    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}"
-    "{% endif %}{% endfor %} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 _QWEN_TEMPLATE = (  # Qwen2-VL-Instruct's template for one user turn of an image and text
@@ -83,19 +80,40 @@ def build_tokenizer(family: str):
                                    chat_template=_QWEN_TEMPLATE)
 
 
-def _build_model(model_cls, config, device: str, dtype: torch.dtype):
-    # Initialise directly on the target device in the target dtype: a 13B model never sits in fp32 on the host.
+def _build_model(model_cls, adapter_cls, config, device: str, precision: Precision):
+    # Initialise directly on the target device in the language dtype: a 13B model never sits in fp32 on the
+    # host. Then the vision tower in its own dtype, as the adapter's `load` does for a checkpoint.
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(precision.language)
     try:
         with torch.device(device):
             model = model_cls(config)
     finally:
         torch.set_default_dtype(previous)
+    adapter_cls.set_precision(model, precision)
     return model.eval().requires_grad_(False)
 
 
-def _llava(name: str, layers: int | None, device: str, dtype: torch.dtype):
+TINY_LLAVA_CANVAS, TINY_LLAVA_PATCH = 32, 8
+
+
+def tiny_llava_config(tokenizer, *, num_layers: int = 4, hidden: int = 64, canvas: int = TINY_LLAVA_CANVAS,
+                      patch: int = TINY_LLAVA_PATCH):
+    """The tiny LLaVA architecture (2-layer CLIP, `num_layers`-layer Llama) the bench and the tests build."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=canvas, patch_size=patch, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       num_hidden_layers=num_layers, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default",
+                       image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def _llava(name: str, layers: int | None, device: str, precision: Precision):
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -105,43 +123,39 @@ def _llava(name: str, layers: int | None, device: str, dtype: torch.dtype):
         LlavaProcessor,
     )
 
-    from .adapters.llava import LlavaAdapter
+    from ..adapters.llava import LlavaAdapter
 
     tokenizer = build_tokenizer("llava")
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     if name == "tiny-llava":
-        canvas, patch = 32, 8
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=canvas, patch_size=patch, projection_dim=32)
-        text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=512,
-                           num_hidden_layers=layers or 4, **ids)
+        canvas, patch = TINY_LLAVA_CANVAS, TINY_LLAVA_PATCH
+        config = tiny_llava_config(tokenizer, num_layers=layers or 4)
     else:
         canvas, patch = 336, 14
         vision = CLIPVisionConfig(**_CLIP_L_336)
         shape = dict(_LLAVA_TEXT[name], num_hidden_layers=layers or _LLAVA_TEXT[name]["num_hidden_layers"])
         text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, **shape, **ids)
-    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default",
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    model = _build_model(LlavaForConditionalGeneration, config, device, dtype)
+        config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default",
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = _build_model(LlavaForConditionalGeneration, LlavaAdapter, config, device, precision)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": canvas},
                                             crop_size={"height": canvas, "width": canvas})
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=_LLAVA_TEMPLATE,
+        num_additional_image_tokens=1, chat_template=HF_CHAT_TEMPLATE,
     )
     return LlavaAdapter(name, model, processor)
 
 
-def _qwen2vl(name: str, layers: int | None, device: str, dtype: torch.dtype):
+def _qwen2vl(name: str, layers: int | None, device: str, precision: Precision):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .adapters.qwen2vl import Qwen2VLAdapter
+    from ..adapters.qwen2vl import Qwen2VLAdapter
 
     tokenizer = build_tokenizer("qwen2_vl")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
@@ -162,27 +176,28 @@ def _qwen2vl(name: str, layers: int | None, device: str, dtype: torch.dtype):
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    model = _build_model(Qwen2VLForConditionalGeneration, config, device, dtype)
+    model = _build_model(Qwen2VLForConditionalGeneration, Qwen2VLAdapter, config, device, precision)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return Qwen2VLAdapter(name, model, tokenizer, Qwen2VLImageProcessorPil())
 
 
 def build_architecture(name: str, *, layers: int | None = None, device: str = "cpu",
-                       dtype: torch.dtype = torch.float32):
-    """An adapter over a random-weight model of architecture `name`; `layers` truncates the decoder depth."""
+                       dtype: Precision | torch.dtype | str = torch.float32):
+    """An adapter over a random-weight model of architecture `name`; `layers` truncates the decoder depth;
+    `dtype` is one dtype for the whole model or a precision preset (e.g. "paper")."""
     if name not in ARCHITECTURES:
         raise DavspError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)} or a model path")
     seed_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the same random weights on every run
     try:
         build = _llava if "llava" in name else _qwen2vl
-        return build(name, layers, device, dtype)
+        return build(name, layers, device, as_precision(dtype))
     finally:
         torch.random.set_rng_state(seed_state)
 
 
-def load_bench_model(model: str, *, device: str, dtype: torch.dtype, layers: int | None = None):
+def load_bench_model(model: str, *, device: str, dtype: Precision | torch.dtype | str, layers: int | None = None):
     """An architecture name (random weights) or a model path/hub id through `load_adapter`."""
     if layers is not None and layers < 1:
         raise DavspError(f"--layers {layers}: must be a positive integer")
@@ -195,7 +210,7 @@ def load_bench_model(model: str, *, device: str, dtype: torch.dtype, layers: int
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise DavspError(f"unknown model {model!r}: not a directory, hub id or architecture "
                          f"({', '.join(ARCHITECTURES)}).{hint}")
-    from .adapters import load_adapter
+    from ..adapters import load_adapter
 
     adapter = load_adapter(model, device=device, dtype=dtype)
     if layers is not None:

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from ..io import atomic_write_text
-from .benchmarks import BENCHMARKS, BenchmarkCheck, check_benchmark, load_benchmark
-from .figstep import FIGSTEP_FONT, render_figstep
-from .records import Record
+from .common import count
+from ..data.benchmarks import BENCHMARKS, BenchmarkCheck, check_benchmark, load_benchmark
+from ..data.figstep import FIGSTEP_FONT, render_figstep
+from ..data.records import Record
 
 _RECORD_KEYS = ("id", "image", "question", "answer", "category", "benchmark")
 
@@ -42,7 +43,7 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="train/val/test (seeded by question id); vlguard: train/test files")
     parser.add_argument("--image-types", nargs="+", help="mm-safetybench: any of SD TYPO SD_TYPO")
     parser.add_argument("--subset", nargs="+", help="vlguard: unsafes safe_unsafes safe_safes; mme: subtask names")
-    parser.add_argument("--limit", type=int, help="keep the first N records")
+    parser.add_argument("--limit", type=count(1), help="keep the first N records")
 
 
 def _selection(args) -> dict:
