@@ -1,9 +1,13 @@
 """`davsp generate --endpoint`: the shipped safety-world model behind `davsp serve --model` (a subprocess on
 127.0.0.1) answers every defense exactly as local generation does, and a run through a fault-injecting
-proxy (429s, 500s, missed deadlines, the server killed and restarted) loses and duplicates nothing."""
+proxy (429s, 500s, missed deadlines, the server killed and restarted) loses and duplicates nothing. The same
+answers come back from `transformers serve`, a server davsp did not write."""
 
+import base64
 import json
+import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -11,6 +15,7 @@ import time
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 
@@ -20,6 +25,7 @@ from davsp.endpoint import Endpoint, generate_via_endpoint
 from davsp.errors import DavspError
 from davsp.generate import generate_responses
 from davsp.prompt import VisualSafetyPrompt
+from davsp.serve import ServeConfig, ServerThread, build_app
 from davsp.toy import MODEL_DIR
 from davsp.toy.world import VSP_PADDING, caution_stripes, demo_splits, is_refusal
 from fake_chat_server import FakeServer, chat_payload, send
@@ -67,7 +73,9 @@ def world(tmp_path_factory):
         # vsp answers show that the frame reached the model through HTTP
         stripes = torch.from_numpy(np.round(caution_stripes() * 255) / 255).float().permute(2, 0, 1)
         vsp = VisualSafetyPrompt(stripes, VSP_PADDING, "pixel", adapter.image_mean, adapter.image_std,
-                                 quantize_8bit=True, metadata={"prompt_format": adapter.prompt_format})
+                                 quantize_8bit=True, metadata={"prompt_format": adapter.prompt_format,
+                                                               "model": str(MODEL_DIR), "family": adapter.family,
+                                                               "canvas_size": adapter.canvas_size})
         vsp.save(folder / "vsp.safetensors")
         local = {d: {r["id"]: r["response"] for r in generate_responses(
             adapter, records, defense=d, vsp=vsp, max_new_tokens=MAX_TOKENS, batch_size=8, progress=False)}
@@ -144,6 +152,60 @@ class FaultyProxy:
             self.faults.append("deadline")
             handler.server.fake.stopping.wait(self.hold_s)
         send(handler, reply.status_code, body=reply.content)
+
+
+def _ask_raw(client, record) -> str:
+    image = "data:image/png;base64," + base64.b64encode(record.image.read_bytes()).decode()
+    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": record.question}]
+    reply = client.chat.completions.create(model=str(MODEL_DIR), messages=[{"role": "user", "content": content}],
+                                           max_tokens=MAX_TOKENS)
+    return reply.choices[0].message.content
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_transformers_serve_answers_every_defense_as_local_generation_does(world, tmp_path):
+    """A third-party OpenAI-compatible server (transformers' own) behind the endpoint backend."""
+    port = _free_port()
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(MODEL_DIR), "--host", "127.0.0.1",
+               "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert server.poll() is None, f"transformers serve exited with {server.returncode}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"transformers serve did not start within {START_TIMEOUT_S}s"
+            time.sleep(0.5)
+        upstream = f"http://127.0.0.1:{port}/v1"
+        endpoint = Endpoint(upstream, str(MODEL_DIR), concurrency=2)
+        for defense in DEFENSES:
+            rows = generate_via_endpoint(world["records"], endpoint, defense=defense, vsp=world["vsp"],
+                                         max_new_tokens=MAX_TOKENS, out=tmp_path / f"{defense}.jsonl", progress=False)
+            assert {r["id"]: r["response"] for r in rows} == world["local"][defense], defense
+        # and `davsp serve` in front of it: a client sends the raw image and question, the gateway frames and
+        # prefixes them, and the third-party server answers exactly as local DAVSP generation does
+        config = ServeConfig(upstream=upstream, vsp=str(world["vsp_file"]), upstream_wait_s=30)
+        with ServerThread(build_app(config)) as gateway:
+            with openai.OpenAI(base_url=gateway.url + "/v1", api_key="local", max_retries=0, timeout=60) as client:
+                served = {r.id: _ask_raw(client, r) for r in world["records"]}
+        assert served == world["local"]["davsp"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
 
 
 def test_faults_and_a_server_restart_lose_and_duplicate_nothing(world, tmp_path):
