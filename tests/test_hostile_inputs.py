@@ -386,3 +386,13 @@ def test_script_in_run_and_evaluation_names_renders_as_text(tmp_path):
     assert "<img src=x" not in page and "<script>alert(2)" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "&lt;script&gt;alert(2)" in page
     assert "<img src=x" not in markdown and "<script>" not in markdown
+
+
+def test_serve_with_a_local_model_refuses_a_vsp_trained_for_another(tiny_llava_path, tmp_path):
+    from davsp.prompt import VisualSafetyPrompt
+    from davsp.serve import ServeConfig, build_app
+
+    foreign = VisualSafetyPrompt.blank(32, 4, "pixel", [0.5] * 3, [0.25] * 3, quantize_8bit=True)  # not CLIP's mean/std
+    foreign.save(tmp_path / "foreign.safetensors")
+    with pytest.raises(DavspError, match="foreign.safetensors"):
+        build_app(ServeConfig(model=str(tiny_llava_path), vsp=str(tmp_path / "foreign.safetensors"), device="cpu"))

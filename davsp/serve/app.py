@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from ..defenses import defense_parts
 from ..errors import DavspError
+from ..fingerprint import check_vsp_fits
 from ..prompt import VisualSafetyPrompt
 from .config import ServeConfig, is_loopback
 from .content import Framer, ImageRef, Limits, decode_data_url, decode_image, find_images, parse_body
@@ -74,6 +75,9 @@ class Gateway:
         if not self.keys:
             log.warning("no API keys configured: only loopback clients are answered")
         self.backend = backend or self._make_backend()
+        local_adapter = getattr(self.backend, "adapter", None)  # --model: the VSP must fit the model served here
+        if self.vsp is not None and local_adapter is not None and not config.allow_model_mismatch:
+            check_vsp_fits(self.vsp, local_adapter, f"--vsp {config.vsp}")
         self.model_ids: frozenset[str] | None = None  # requests must name one of these (None: any)
         self.in_flight = 0
         self.started = False
