@@ -42,6 +42,16 @@ class Unavailable(Exception):
     """npm or the registry is missing: the tests that need the tokenizers skip with this reason."""
 
 
+def require(getter, *args, **kwargs):
+    """`getter(...)`, or skip the calling test with the reason the tokenizer cannot be had here."""
+    import pytest
+
+    try:
+        return getter(*args, **kwargs)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DAVSP_TEST_CACHE", Path.home() / ".cache" / "davsp-tests"))
 

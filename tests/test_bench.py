@@ -168,11 +168,16 @@ def test_the_ratio_is_the_median_of_paired_steps_so_a_busy_spell_cannot_move_it(
     assert summary["ratio_min"] == pytest.approx(2.8) and summary["ratio_max"] == pytest.approx(3.2)
 
 
-def test_steps_of_the_two_paths_alternate(setup, monkeypatch):
+def test_steps_of_the_two_paths_alternate(setup):
     order = []
-    paths = {name: (lambda name: lambda s, vsp, idx, h, o: (order.append(name) or
-                                                           project_loss_and_gradient(s, vsp, idx, h, o)))(name)
-             for name in ("project", "reference")}
+
+    def step_named(name):
+        def step(*args):
+            order.append(name)
+            return project_loss_and_gradient(*args)
+        return step
+
+    paths = {name: step_named(name) for name in ("project", "reference")}
     timing.time_train_paths(setup, paths, True, False, [[0, 1]] * 3, warmup=1)
     assert order == ["project", "reference"] * 3
 

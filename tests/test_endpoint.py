@@ -3,10 +3,8 @@
 proxy (429s, 500s, missed deadlines, the server killed and restarted) loses and duplicates nothing. The same
 answers come back from `transformers serve`, a server davsp did not write."""
 
-import base64
 import json
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -29,42 +27,16 @@ from davsp.serve import ServeConfig, ServerThread, build_app
 from davsp.toy import MODEL_DIR
 from davsp.toy.world import VSP_PADDING, caution_stripes, demo_splits, is_refusal
 from fake_chat_server import FakeServer, chat_payload, send
+from toy_model_server import START_TIMEOUT_S, ToyModelServer, ask_about_image
 
 MAX_TOKENS = 24  # the demo's answer length: every world answer fits
-START_TIMEOUT_S = 120
 DEFENSES = ("none", "prefix", "vsp", "davsp")
-
-
-class ModelServer:
-    """`davsp serve --model` on the shipped world model, in a subprocess; restartable on the same port."""
-
-    def __init__(self, port: int = 0):
-        command = [sys.executable, "-m", "davsp", "serve", "--model", str(MODEL_DIR), "--defense", "none",
-                   "--port", str(port), "--device", "cpu", "--batch-size", "8", "--log-level", "warning"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.process.stderr], daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                self.process.kill()
-                pytest.fail(f"davsp serve did not start within {START_TIMEOUT_S}s")
-            if "listening on" in line:
-                self.url = line.split("listening on")[1].strip()
-                self.port = int(self.url.rsplit(":", 1)[1])
-                return
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("endpoint-world")
-    server = ModelServer()  # loads while the records are drawn and the local answers computed
+    server = ToyModelServer()  # loads while the records are drawn and the local answers computed
     try:
         adapter = load_adapter(str(MODEL_DIR))
         splits = demo_splits(folder / "data", seed=0)
@@ -80,6 +52,7 @@ def world(tmp_path_factory):
         local = {d: {r["id"]: r["response"] for r in generate_responses(
             adapter, records, defense=d, vsp=vsp, max_new_tokens=MAX_TOKENS, batch_size=8, progress=False)}
             for d in DEFENSES}
+        server.wait_ready()
         state = {"records": records, "vsp": vsp, "vsp_file": folder / "vsp.safetensors", "local": local,
                  "server": server, "folder": folder}
         yield state
@@ -154,14 +127,6 @@ class FaultyProxy:
         send(handler, reply.status_code, body=reply.content)
 
 
-def _ask_raw(client, record) -> str:
-    image = "data:image/png;base64," + base64.b64encode(record.image.read_bytes()).decode()
-    content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": record.question}]
-    reply = client.chat.completions.create(model=str(MODEL_DIR), messages=[{"role": "user", "content": content}],
-                                           max_tokens=MAX_TOKENS)
-    return reply.choices[0].message.content
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -197,7 +162,7 @@ def test_transformers_serve_answers_every_defense_as_local_generation_does(world
         config = ServeConfig(upstream=upstream, vsp=str(world["vsp_file"]), upstream_wait_s=30)
         with ServerThread(build_app(config)) as gateway:
             with openai.OpenAI(base_url=gateway.url + "/v1", api_key="local", max_retries=0, timeout=60) as client:
-                served = {r.id: _ask_raw(client, r) for r in world["records"]}
+                served = {r.id: ask_about_image(client, r, MAX_TOKENS) for r in world["records"]}
         assert served == world["local"]["davsp"]
     finally:
         server.terminate()
@@ -220,7 +185,7 @@ def test_faults_and_a_server_restart_lose_and_duplicate_nothing(world, tmp_path)
             time.sleep(0.05)
         port = world["server"].port
         world["server"].kill()
-        world["server"] = ModelServer(port)
+        world["server"] = ToyModelServer(port).wait_ready()
         proxy.upstream = world["server"].url
         restarted.set()
 

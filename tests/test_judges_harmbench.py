@@ -60,7 +60,7 @@ def build_tiny_classifier(folder: Path, *, answers: tuple[int, int]) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer_file = fetched(real_tokenizers.llama2_tokenizer_file)
+    tokenizer_file = real_tokenizers.require(real_tokenizers.llama2_tokenizer_file)
     folder.mkdir(parents=True)
     (folder / "tokenizer.json").write_text(tokenizer_file.read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -80,13 +80,6 @@ def build_tiny_classifier(folder: Path, *, answers: tuple[int, int]) -> Path:
         model.lm_head.weight[answers[1]] = -100 * direction
     model.save_pretrained(folder)
     return folder
-
-
-def fetched(getter):
-    try:
-        return getter()
-    except real_tokenizers.Unavailable as exc:
-        pytest.skip(str(exc))
 
 
 ROWS = [

@@ -35,13 +35,6 @@ QUESTIONS = [
 ]
 
 
-def fetched(getter, *args, **kwargs):
-    try:
-        return getter(*args, **kwargs)
-    except real_tokenizers.Unavailable as exc:
-        pytest.skip(str(exc))
-
-
 # -- the official pipeline, re-expressed --------------------------------------------------------
 def llava_v1_prompt(question: str) -> str:
     """LLaVA's Conversation.get_prompt for conv_templates["llava_v1"] (sep_style TWO, sep " ", sep2 "</s>")
@@ -153,7 +146,7 @@ def build_llava_13b_shaped(folder, *, legacy: bool):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["legacy-false", "legacy-true"])
 def llava(request, tmp_path_factory):
-    fetched(real_tokenizers.llama2_tokenizer_file)
+    real_tokenizers.require(real_tokenizers.llama2_tokenizer_file)
     return load_adapter(str(build_llava_13b_shaped(tmp_path_factory.mktemp("llava13b"), legacy=request.param)))
 
 
@@ -229,7 +222,7 @@ def qwen(tmp_path_factory):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    source = fetched(real_tokenizers.qwen2_tokenizer_dir)
+    source = real_tokenizers.require(real_tokenizers.qwen2_tokenizer_dir)
     folder = tmp_path_factory.mktemp("qwen2vl")
     shutil.copy(source / "tokenizer.json", folder / "tokenizer.json")
     config = json.loads((source / "tokenizer_config.json").read_text())

@@ -2,12 +2,6 @@
 subprocess (and `transformers serve`, a server davsp did not write), the gateway in front with a pixel-space
 8-bit VSP trained as the demo trains DAVSP, queried with the official `openai` client."""
 
-import base64
-import os
-import queue
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -23,48 +17,13 @@ from davsp.toy import MODEL_DIR
 from davsp.toy.world import benign_correct, demo_splits
 from davsp.train import train_vsp
 from davsp.vector import extract_harmfulness_vector
+from toy_model_server import ToyModelServer, ask_about_image
 
 MAX_TOKENS = 24  # the demo's max_new_tokens
-START_TIMEOUT_S = 120
-
-
-class Subprocess:
-    """A server started as a command; its stderr is drained on a thread and scanned for a ready line."""
-
-    def __init__(self, command: list[str], ready: str, env: dict | None = None):
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.ready = ready
-        threading.Thread(target=lambda: [self.lines.put(line) for line in self.process.stderr], daemon=True).start()
-
-    def wait_ready(self) -> str:
-        seen = []
-        while True:
-            try:
-                line = self.lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail(f"{self.ready!r} not printed within {START_TIMEOUT_S}s: {seen[-5:]}")
-            seen.append(line)
-            if self.ready in line:
-                return line
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve-world")
-    # the model server loads while the VSP trains
-    # one torch thread in each process: two processes with two threads each thrash two shared cores
-    upstream = Subprocess([sys.executable, "-m", "davsp", "serve", "--model", str(MODEL_DIR), "--defense", "none",
-                           "--port", "0", "--device", "cpu", "--batch-size", "32", "--log-level", "warning"],
-                          "listening on", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    upstream = ToyModelServer(batch_size=32)  # the model server loads while the VSP trains
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -73,23 +32,12 @@ def world(tmp_path_factory):
         vector = extract_harmfulness_vector(adapter, splits["harmful_train"], splits["benign_train"], batch_size=32)
         vsp = train_vsp(adapter, vector, splits["harmful_train"], splits["benign_train"],
                         DemoConfig().training(space="pixel", quantize_8bit=True), out / "run", progress=False)
-        url = upstream.wait_ready().split("listening on")[1].strip()
+        url = upstream.wait_ready().url
         yield {"adapter": adapter, "splits": splits, "vsp": vsp, "vsp_file": out / "run" / "vsp.safetensors",
                "upstream": url}
     finally:
         torch.set_num_threads(threads)
         upstream.stop()
-
-
-def _ask(client, model: str, record, stream: bool = False) -> str:
-    image = "data:image/png;base64," + base64.b64encode(record.image.read_bytes()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                             {"type": "text", "text": record.question}]}]
-    if stream:
-        chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, stream=True)
-        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS)
-    return reply.choices[0].message.content
 
 
 def _refusal_rate(rows: list[dict]) -> float:
@@ -108,8 +56,8 @@ def test_through_the_gateway_the_model_refuses_as_davsp_does_and_answers_benign_
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="local", max_retries=0, timeout=60) as client:
             with ThreadPoolExecutor(16) as pool:  # concurrent: the model server batches them
                 served = dict(zip([r.id for r in harmful + benign],
-                                  pool.map(lambda r: _ask(client, str(MODEL_DIR), r), harmful + benign)))
-            streamed = _ask(client, str(MODEL_DIR), harmful[0], stream=True)
+                                  pool.map(lambda r: ask_about_image(client, r, MAX_TOKENS), harmful + benign)))
+            streamed = ask_about_image(client, harmful[0], MAX_TOKENS, stream=True)
     rate = {source: _refusal_rate([{"id": r.id, "response": answers[r.id]} for r in harmful])
             for source, answers in (("served", served), ("direct", direct))}
     assert rate["served"] == rate["direct"] >= 0.9  # the demo's DAVSP target, on held-out harmful concepts
@@ -126,7 +74,7 @@ def test_the_local_backend_answers_single_turns_and_refuses_other_shapes(world):
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="local", max_retries=0, timeout=60) as client:
             listed = client.models.list().data[0]
             assert listed.id == str(MODEL_DIR) and listed.model_extra["davsp"]["canvas_size"] == 48
-            assert benign_correct(record, _ask(client, str(MODEL_DIR), record))
+            assert benign_correct(record, ask_about_image(client, record, MAX_TOKENS))
             for messages in ([{"role": "user", "content": "no image"}],
                              [{"role": "user", "content": [{"type": "text", "text": "two turns"}]},
                               {"role": "assistant", "content": "ok"}]):
