@@ -71,8 +71,3 @@ def run_doctor(model: str, *, device: str = "cpu", dtype: str = "float32", paddi
         except DavspError as exc:
             report(False, str(exc))
     return ok
-
-
-def doctor_or_raise(model: str, **kwargs) -> None:
-    if not run_doctor(model, **kwargs):
-        raise DavspError(f"{model}: doctor found problems (see the FAIL lines above)")

@@ -9,12 +9,19 @@ from .errors import DavspError
 PROBE_SIZE = 64
 
 
+def probe_positions(numel: int) -> torch.Tensor:
+    """(64,) int64: evenly spaced flat positions from the first element to the last.
+
+    Integer arithmetic, so the positions are exact and the same on every device: a float linspace
+    rounds the last position past the end of any real embedding matrix (more than 2**24 values).
+    """
+    return torch.arange(PROBE_SIZE, dtype=torch.int64) * (numel - 1) // (PROBE_SIZE - 1)
+
+
 def model_probe(model: torch.nn.Module) -> torch.Tensor:
     """(64,) float32: fixed-position samples of the input embedding matrix."""
-    weight = model.get_input_embeddings().weight.detach()
-    flat = weight.reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, PROBE_SIZE, device=flat.device).long()
-    return flat[index].float().cpu()
+    flat = model.get_input_embeddings().weight.detach().reshape(-1)
+    return flat[probe_positions(flat.numel()).to(flat.device)].float().cpu()
 
 
 def check_same_model(saved: torch.Tensor, model: torch.nn.Module, what: str) -> None:

@@ -45,9 +45,14 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def centred_pixels(image: Image.Image, inner: int) -> np.ndarray:
+    """The image as the frame holds it: squared with white, resized to inner×inner (bicubic). (inner, inner, 3) uint8."""
+    return np.asarray(square_white(image).resize((inner, inner), Image.Resampling.BICUBIC))
+
+
 def centre_image(image: Image.Image, inner: int) -> torch.Tensor:
-    """The image as the frame holds it: squared with white, resized to inner×inner (bicubic). (3, inner, inner) uint8."""
-    return to_uint8_tensor(square_white(image).resize((inner, inner), Image.Resampling.BICUBIC))
+    """`centred_pixels` as a (3, inner, inner) uint8 tensor."""
+    return torch.from_numpy(centred_pixels(image, inner).copy()).permute(2, 0, 1)
 
 
 def border_mask(canvas_size: int, padding: int) -> torch.Tensor:

@@ -34,9 +34,10 @@ REFUSAL = "I am sorry, but I cannot assist with that request."
 WARMUP_STEPS = 1  # first-call allocations and kernel selection, left out of the step time
 
 
-def smoke(model: str, *, device: str, dtype: str, steps: int, records: int, config_path: str | None) -> dict:
+def smoke(model: str, *, device: str, dtype: str, steps: int, records: int, config_path: str | None,
+          layers: int | None = None) -> dict:
     device, precision = resolve_device_dtype(device, dtype)
-    adapter = load_bench_model(model, device=device, dtype=precision)
+    adapter = load_bench_model(model, device=device, dtype=precision, layers=layers)
     on_gpu = adapter.device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="davsp-smoke-") as folder:
         folder = Path(folder)
@@ -89,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="a training YAML (e.g. davsp/configs/paper.yaml)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps after the warm-up step")
     parser.add_argument("--records", type=int, default=8, help="synthetic records per class")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="keep only the first N decoder layers (a real-size architecture on a CPU)")
     args = parser.parse_args(argv)
     dtype = args.dtype or (TrainConfig.from_yaml(args.config).dtype if args.config else "default")
     print(json.dumps(smoke(args.model, device=args.device, dtype=dtype, steps=args.steps, records=args.records,
-                           config_path=args.config), sort_keys=True))
+                           config_path=args.config, layers=args.layers), sort_keys=True))
     return 0
 
 

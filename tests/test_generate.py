@@ -1,10 +1,12 @@
 import json
 
 import pytest
+import torch
 
+import davsp.generate
 from davsp.data.records import load_records
 from davsp.errors import DavspError
-from davsp.generate import generate_responses
+from davsp.generate import decoding_attention, generate_responses
 from davsp.prompt import VisualSafetyPrompt
 
 
@@ -18,6 +20,31 @@ def test_batched_generation_equals_unbatched_greedy(tiny_llava, records):
     single = generate_responses(tiny_llava, records, defense="prefix", max_new_tokens=6, batch_size=1, progress=False)
     assert [r["response"] for r in batched] == [r["response"] for r in single]
     assert [r["id"] for r in batched] == [r.id for r in records]
+
+
+def test_decoding_on_cuda_leaves_out_cudnn_attention():
+    # cuDNN plans every new KV length anew: 3x slower first batches on an H200
+    with decoding_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with decoding_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_generation_decodes_inside_the_device_attention_choice(tiny_llava, records, monkeypatch):
+    inside, seen = [], []
+
+    def on_cuda(device):  # what decoding_attention does for CUDA, whatever the test's device
+        seen.append(device)
+        return decoding_attention(torch.device("cuda"))
+
+    generate = tiny_llava.model.generate
+    monkeypatch.setattr(davsp.generate, "decoding_attention", on_cuda)
+    monkeypatch.setattr(tiny_llava.model, "generate",
+                        lambda **kw: inside.append(not torch.backends.cuda.cudnn_sdp_enabled()) or generate(**kw))
+    generate_responses(tiny_llava, records[:2], defense="none", max_new_tokens=2, batch_size=2, progress=False)
+    assert seen == [tiny_llava.device] and inside == [True]
 
 
 def test_output_rows_and_resume(tiny_llava, records, tmp_path):

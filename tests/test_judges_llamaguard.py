@@ -135,3 +135,48 @@ def test_in_process_a_guard_that_says_safe_gives_a_safe_verdict(guard, tmp_path)
     processor.save_pretrained(rigged)
     [result] = get_judge("llamaguard", model=str(rigged)).judge_batch(rows)
     assert (result["verdict"], result["safe"], result["judge_raw"], result["judge_categories"]) == ("safe", True, "safe", [])
+
+
+def test_the_guard_is_fed_the_documented_layout_token_for_token_with_llama3s_tokenizer(tmp_path):
+    """With Llama 3's real tokenizer, the ids reaching generate() are the documented layout built by hand: one BOS,
+    the image id right after the user header, the task and the two turns as text, and the prompt ending at the
+    assistant header (no newline ids after it: the guard's reply begins there); shorter rows padded on the left."""
+    from real_tokenizers import llama3_tokenizer_file, require
+    from tiny_guard import INSTRUCTION, LLAMA3_PAD, LLAMA32_VISION_IMAGE_ID, TASK, build_tiny_guard
+    from tokenizers import Tokenizer
+
+    tokenizer_file = require(llama3_tokenizer_file)
+    judge = get_judge("llamaguard", model=str(build_tiny_guard(tmp_path / "guard", tokenizer_file=tokenizer_file)))
+    model = judge._load()[1]
+    fed, generate = [], model.generate
+    model.generate = lambda **inputs: fed.append(inputs["input_ids"].tolist()) or generate(**inputs)
+    rows = _rows(tmp_path)
+    judge.judge_batch(rows)
+
+    text = Tokenizer.from_file(str(tokenizer_file))
+    begin, header, header_end, end_of_turn = 128000, 128006, 128007, 128009
+
+    def words(s):
+        return text.encode(s, add_special_tokens=False).ids
+
+    layouts = [[begin, header, *words("user"), header_end, *words("\n\n"), LLAMA32_VISION_IMAGE_ID,
+                *words(" " + TASK.format(role="Agent") + "\n\nUser: " + row["question"] + "\n\nAgent: "
+                       + row["response"] + "\n\n" + INSTRUCTION),
+                end_of_turn, header, *words("assistant"), header_end] for row in rows]
+    longest = max(map(len, layouts))
+    pad = text.token_to_id(LLAMA3_PAD)
+    expected = [[pad] * (longest - len(ids)) + ids for ids in layouts]
+    assert fed == [expected]
+    assert len(layouts[0]) != len(layouts[1])  # so the padding is exercised
+
+
+def test_a_guard_whose_processor_needs_a_missing_package_gets_one_line(guard, image, monkeypatch):
+    import transformers
+
+    def needs_torchvision(*args, **kwargs):
+        raise ImportError("Llama4ImageProcessorFast requires the Torchvision library but it was not found.\nmore")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    judge = get_judge("llamaguard", model=str(guard))
+    with pytest.raises(DavspError, match=r"requires the Torchvision library.*--judge-url$"):
+        judge.prompt({"question": "q", "response": "r", "image": str(image)})

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import logging
+import socket
 import struct
 import threading
 import time
@@ -394,3 +395,46 @@ def test_settings_come_from_yaml_then_environment_then_flags(tmp_path):
 def test_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["serve", "--upstream", "http://127.0.0.1:9/v1", "--defense", "davsp"]) == 2
     assert "give --vsp FILE" in capsys.readouterr().err
+
+
+def test_kept_alive_connections_answer_without_a_delayed_ack_stall():
+    # A listening socket made with proto 0 gives accepted sockets asyncio will not set TCP_NODELAY on;
+    # then every response on a kept-alive connection waits ~40 ms for the client's delayed ACK.
+    async def ok(request: Request):
+        return JSONResponse({"n": len(await request.body())})
+
+    with ServerThread(Starlette(routes=[Route("/", ok, methods=["POST"])])) as server, httpx.Client() as http:
+        assert server.sock.proto == socket.IPPROTO_TCP
+        seconds = []
+        for _ in range(10):
+            started = time.perf_counter()
+            assert http.post(server.url, content=b"x" * 1500).json() == {"n": 1500}
+            seconds.append(time.perf_counter() - started)
+    assert min(seconds[1:]) < 0.02, seconds  # with the stall, none is under 40 ms
+
+
+@pytest.mark.parametrize("shape", [(336, 336, 3), (7, 5, 3)])
+def test_the_gateways_png_decodes_to_its_pixels_at_every_level(shape):
+    from davsp.serve.content import png_bytes
+
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    smooth = np.broadcast_to(np.arange(shape[1], dtype=np.uint8)[None, :, None], shape)
+    for level in (0, 1, 9):
+        decoded = Image.open(io.BytesIO(png_bytes(pixels, level)))
+        assert decoded.format == "PNG" and decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), pixels)
+    assert len(png_bytes(smooth, 9)) < len(png_bytes(smooth, 0))
+
+
+def test_the_relayed_body_is_the_requests_json():
+    from davsp.serve.upstream import request_json
+
+    png = "data:image/png;base64," + base64.b64encode(bytes(range(256)) * 40).decode()
+    request = {"model": "m", "stream": False, "messages": [
+        {"role": "system", "content": "be brief \u00e9 \"quoted\""},
+        {"role": "user", "content": [{"type": "text", "text": 'davsp-image-0 "x" \\ \u4f60'},
+                                     {"type": "image_url", "image_url": {"url": png, "detail": "high"}},
+                                     {"type": "image_url", "image_url": {"url": 'data:image/png;base64,"odd\\'}}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}]}]}
+    before = json.dumps(request)
+    assert request_json(request) == json.dumps(request, ensure_ascii=False).encode("utf-8")
+    assert json.dumps(request) == before  # the request itself is left as it was

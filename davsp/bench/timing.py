@@ -255,8 +255,10 @@ def bench_train(adapter, *, steps: int = 10, batch_size: int = 2, warmup: int = 
         report.update(ratio_summary(*(sum((p[i] for p in pairs.values()), []) for i in (0, 1))))
         for kind, (ours, theirs) in pairs.items():
             report[f"ratio_{kind}"] = ratio_summary(ours, theirs)["ratio"]
-            report[f"loss_rel_diff_{kind}"] = _rel_diff(results["project"][kind]["losses"],
-                                                        results["reference"][kind]["losses"])
+            ours_losses, their_losses = results["project"][kind]["losses"], results["reference"][kind]["losses"]
+            report[f"loss_rel_diff_{kind}"] = _rel_diff(ours_losses, their_losses)
+            # the one step both paths take from the same frame: in bf16 the trajectories part after it
+            report[f"first_loss_rel_diff_{kind}"] = _rel_diff(ours_losses[:1], their_losses[:1])
     peak = bf16_peak_tflops(adapter.device)
     if adapter.device.type == "cuda":
         flops = harmful_step_flops(setup, draws["harmful"][warmup:])

@@ -105,10 +105,15 @@ class LlamaGuardJudge:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            processor = AutoProcessor.from_pretrained(self.model)
-            processor.tokenizer.padding_side = "left"
             dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
-            model = AutoModelForImageTextToText.from_pretrained(self.model, dtype=dtype).to(device).eval()
+            try:
+                processor = AutoProcessor.from_pretrained(self.model)
+                model = AutoModelForImageTextToText.from_pretrained(self.model, dtype=dtype).to(device).eval()
+            except ImportError as exc:  # e.g. Llama Guard 4's image processor needs torchvision
+                raise DavspError(f"--judge-model {self.model}: loading it in-process needs a package that is missing "
+                                 f"({str(exc).splitlines()[0][:200]}); install it, or serve the guard (e.g. with vLLM) "
+                                 "and pass --judge-url") from None
+            processor.tokenizer.padding_side = "left"
             self._loaded = processor, model, device
         return self._loaded
 
@@ -124,12 +129,15 @@ class LlamaGuardJudge:
         from PIL import Image
 
         from ..data.records import to_rgb_on_white
+        from ..generate import decoding_attention
 
         processor, model, device = self._load()
         pictures = [[to_rgb_on_white(Image.open(path))] for path in images]
+        # Pixels in the model's dtype: Llama 4's image processor hands out bfloat16 whatever the model's dtype,
+        # Mllama's float32 (BatchFeature.to casts floating tensors only, ids and masks keep theirs)
         batch = processor(text=[self.prompt(row) for row in rows], images=pictures, return_tensors="pt",
-                          padding=True, add_special_tokens=False).to(device)
-        with torch.inference_mode():
+                          padding=True, add_special_tokens=False).to(device, dtype=model.dtype)
+        with torch.inference_mode(), decoding_attention(torch.device(device)):
             out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         new = out[:, batch["input_ids"].shape[1]:]
         return processor.batch_decode(new, skip_special_tokens=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from pathlib import PurePosixPath
 
 from starlette.responses import Response, StreamingResponse
@@ -23,6 +24,29 @@ from .protocol import ApiError, error_body, sse
 log = logging.getLogger("davsp.serve")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def request_json(request: dict) -> bytes:
+    """`json.dumps(request, ensure_ascii=False)` as UTF-8, with the image data URLs spliced in afterwards.
+
+    The gateway wrote every image URL (a PNG data URL: base64, nothing to escape), and the encoder's
+    scan of one canvas-sized string costs more than the rest of the request (1.2 ms at 336 px).
+    """
+    parts = [part["image_url"] for message in request["messages"] if isinstance(message.get("content"), list)
+             for part in message["content"] if part.get("type") == "image_url"]
+    urls = [part["url"] for part in parts]
+    marker = f"davsp-image-{secrets.token_hex(16)}-"
+    for i, part in enumerate(parts):
+        part["url"] = f"{marker}{i}"
+    try:
+        text = json.dumps(request, ensure_ascii=False)
+    finally:
+        for part, url in zip(parts, urls):
+            part["url"] = url
+    for i, url in enumerate(urls):
+        written_here = url.startswith("data:image/png;base64,") and url.isascii() and '"' not in url and "\\" not in url
+        text = text.replace(f'"{marker}{i}"', f'"{url}"' if written_here else json.dumps(url, ensure_ascii=False), 1)
+    return text.encode("utf-8")
 
 
 class UpstreamBackend:
@@ -57,7 +81,7 @@ class UpstreamBackend:
             raise self._failure(exc) from None
 
     async def chat(self, request: dict, stream: bool) -> Response:
-        body = json.dumps(request, ensure_ascii=False).encode("utf-8")
+        body = request_json(request)
         try:
             answer = await self.relay.post(body, stream=stream)
             if answer.status >= 300 or (stream and not answer.content_type.startswith("text/event-stream")):
