@@ -88,9 +88,12 @@ for name in ("smoke_bfloat16", "smoke_paper", *(f"smoke_{arch}" for arch in sys.
     if not (out / f"{name}.json").exists():
         continue
     smoke = json.loads((out / f"{name}.json").read_text())
-    losses = [row["loss"] for row in smoke["trajectory"]]
     keys = ("dtype", "seconds_per_step", "peak_memory_gib", "all_finite", "projection_means")
-    print(name, {k: smoke[k] for k in keys}, f"loss first {losses[0]:.4g} last {losses[-1]:.4g}")
+    # harmful and benign steps alternate, so each kind's loss is followed on its own
+    losses = {kind: [row["loss"] for row in smoke["trajectory"] if row["harmful"] == (kind == "harmful")]
+              for kind in ("harmful", "benign")}
+    print(name, {k: smoke[k] for k in keys},
+          "; ".join(f"{kind} loss first {v[0]:.4g} last {v[-1]:.4g}" for kind, v in losses.items() if v))
 reports = {name: json.loads((out / f"{name}.json").read_text())
            for name in ("train", "generate", "generate_large", "generate_static") if (out / f"{name}.json").exists()}
 sequential = reports["generate"]["reference"]["tokens_per_s"] if "generate" in reports else None  # the one-at-a-time loop, same model and lengths

@@ -168,3 +168,13 @@ def test_main_asks_torch_for_huge_pages_unless_the_user_chose(capsys, monkeypatc
                        "--out", tmp_path / "y.png")
     assert code == 2 and "VSP file not found" in err
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == expected
+
+
+def test_the_command_line_loads_the_server_stack_only_for_serve():
+    import subprocess
+    import sys
+
+    probe = ("import sys; from davsp.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('starlette', 'uvicorn', 'prometheus_client') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -4,9 +4,19 @@
 `ServerThread(app)` serves it from a background thread. docs/deployment.md has the guarantees.
 """
 
-from .app import Gateway, build_app
+import importlib
+
 from .config import ServeConfig
-from .content import Framer
-from .server import ServerThread, run_server
+
+# The server stack (starlette, uvicorn, httpx) loads on first use, not with every `davsp` command's parser.
+_LAZY = {"Gateway": ".app", "build_app": ".app", "Framer": ".content", "ServerThread": ".server",
+         "run_server": ".server"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Framer", "Gateway", "ServeConfig", "ServerThread", "build_app", "run_server"]
