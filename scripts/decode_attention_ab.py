@@ -1,7 +1,8 @@
 """Time batched generation with and without cuDNN attention (the choice `davsp.generate.decoding_attention` makes).
 
 One arm per process, so neither inherits the other's cached cuDNN plans: a 2-token warm-up, then
-`--calls` timed generations of the same batch. Prints one JSON line.
+`--calls` timed generations of the same batch, then how many of 24-token answers are the same batched
+and one query at a time. Prints one JSON line.
 
     python3 scripts/decode_attention_ab.py --arm without-cudnn   # what davsp does on CUDA
     python3 scripts/decode_attention_ab.py --arm cudnn           # PyTorch's default backend choice
@@ -51,8 +52,11 @@ def main() -> int:
         generate_batch(adapter, questions, canvases, args.max_new_tokens)
         sync()
         seconds.append(round(time.perf_counter() - started, 3))
+    batched = generate_batch(adapter, questions, canvases, 24)[0]
+    alone = [generate_batch(adapter, questions[i : i + 1], canvases[i : i + 1], 24)[0][0] for i in range(args.n)]
     print(json.dumps({"arm": args.arm, "model": args.model, "dtype": args.dtype, "n": args.n,
-                      "max_new_tokens": args.max_new_tokens, "seconds_per_call": seconds}))
+                      "max_new_tokens": args.max_new_tokens, "seconds_per_call": seconds,
+                      "same_answers_batched_and_alone": sum(a == b for a, b in zip(batched, alone))}))
     return 0
 
 

@@ -26,10 +26,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..errors import DavspError
-from ..openai_client import CallFailed, ChatClient
+from ..openai_client import CallFailed
 from .llm import MAX_RAW_ERROR_CHARS
+from .model_judge import ModelJudge
 
 VERSION = "1"
 MAX_GENERATION_TOKENS = 512  # HarmBench's evaluate_completions.py --num_tokens default
@@ -103,43 +105,25 @@ def parse_answer(reply: str) -> bool | None:
 
 
 @dataclass
-class HarmBenchJudge:
+class HarmBenchJudge(ModelJudge):
     """The HarmBench classifier, in-process (`model` only) or behind an OpenAI-compatible server (`url`)."""
 
-    model: str
-    url: str | None = None
-    api_key_env: str = ""  # a self-hosted server usually has no key
-    device: str | None = None  # in-process: "cuda", "cpu", ...; None: cuda when there is one
-    dtype: str = "auto"  # in-process: "auto" (the checkpoint's), "bfloat16", "float16", "float32"
-    timeout_s: float = 60.0
-    max_retries: int = 5
+    version: ClassVar[str] = VERSION
+    example_model: ClassVar[str] = "cais/HarmBench-Llama-2-13b-cls"
     name: str = field(default="harmbench", init=False)
     outputs: tuple = field(default=("verdict", "safe"), init=False)
-
-    def __post_init__(self):
-        if not self.model:
-            raise DavspError("--judge harmbench needs --judge-model: a local folder or hub id of the classifier "
-                             "(e.g. cais/HarmBench-Llama-2-13b-cls), or the model name the --judge-url server serves")
-        self.client = (ChatClient(self.url, api_key_env=self.api_key_env, timeout_s=self.timeout_s,
-                                  max_retries=self.max_retries, url_flag="--judge-url") if self.url else None)
-        self._loaded = None
-
-    def label_for(self, row: dict) -> str:
-        return f"harmbench@{VERSION}/{self.model}"
 
     # ---- in-process ----------------------------------------------------------------------------
 
     def _load(self):
         if self._loaded is None:
-            import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device, dtype = self.device_and_dtype()
             tokenizer = AutoTokenizer.from_pretrained(self.model)
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:  # Llama 2 has none; padded positions are masked anyway
                 tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-            dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
             model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype).to(device).eval()
             self._loaded = tokenizer, model, device
         return self._loaded

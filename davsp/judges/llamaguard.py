@@ -22,10 +22,12 @@ import mimetypes
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import DavspError
-from ..openai_client import CallFailed, ChatClient
+from ..openai_client import CallFailed
 from .llm import MAX_RAW_ERROR_CHARS
+from .model_judge import ModelJudge
 
 VERSION = "1"
 MAX_NEW_TOKENS = 20
@@ -73,39 +75,21 @@ def _check_row(row: dict) -> Path:
 
 
 @dataclass
-class LlamaGuardJudge:
+class LlamaGuardJudge(ModelJudge):
     """Llama Guard 3 Vision / 4, in-process (`model` only) or behind an OpenAI-compatible server (`url`)."""
 
-    model: str
-    url: str | None = None
-    api_key_env: str = ""
-    device: str | None = None
-    dtype: str = "auto"
-    timeout_s: float = 60.0
-    max_retries: int = 5
+    version: ClassVar[str] = VERSION
+    example_model: ClassVar[str] = "meta-llama/Llama-Guard-3-11B-Vision"
     name: str = field(default="llamaguard", init=False)
     outputs: tuple = field(default=("verdict", "safe"), init=False)
-
-    def __post_init__(self):
-        if not self.model:
-            raise DavspError("--judge llamaguard needs --judge-model: a local folder or hub id (e.g. "
-                             "meta-llama/Llama-Guard-3-11B-Vision), or the model name the --judge-url server serves")
-        self.client = (ChatClient(self.url, api_key_env=self.api_key_env, timeout_s=self.timeout_s,
-                                  max_retries=self.max_retries, url_flag="--judge-url") if self.url else None)
-        self._loaded = None
-
-    def label_for(self, row: dict) -> str:
-        return f"llamaguard@{VERSION}/{self.model}"
 
     # ---- in-process ----------------------------------------------------------------------------
 
     def _load(self):
         if self._loaded is None:
-            import torch
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
+            device, dtype = self.device_and_dtype()
             try:
                 processor = AutoProcessor.from_pretrained(self.model)
                 model = AutoModelForImageTextToText.from_pretrained(self.model, dtype=dtype).to(device).eval()

@@ -30,7 +30,7 @@ def request_json(request: dict) -> bytes:
     """`json.dumps(request, ensure_ascii=False)` as UTF-8, with the image data URLs spliced in afterwards.
 
     The gateway wrote every image URL (a PNG data URL: base64, nothing to escape), and the encoder's
-    scan of one canvas-sized string costs more than the rest of the request (1.2 ms at 336 px).
+    scan of one canvas-sized string costs more than the rest of the request (docs/deployment.md, "Overhead").
     """
     parts = [part["image_url"] for message in request["messages"] if isinstance(message.get("content"), list)
              for part in message["content"] if part.get("type") == "image_url"]
